@@ -1,0 +1,311 @@
+"""MetaMAE: a masked auto-encoder whose latent is adapted by a meta-learning inner step.
+
+Reads top to bottom like the paper's figure (Jang et al., NeurIPS 2023):
+
+    x ──tokenizer──▶ tokens ──mask──▶ visible ──encoder──▶ z
+    z ──decoder on the support set──▶ ℓ_s(z) ──z* = z − α ∇_z ℓ_s(z)──▶ z*
+    loss = reconstruction of the hidden tokens from z*  +  λ · contrast(z, z*)
+
+With `method="mae"` the inner step and the contrastive term are switched off and this is MAE.
+The exact computation (draws, support set, normalisers, initialisation) follows the authors'
+published code; see shared/metamae-objective.md and tests/test_objective.py, which pins it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from metamae.modality import Batch, Spec
+
+
+@dataclass
+class ModelConfig:
+    """Backbone sizes. Defaults: the DABS backbone the paper uses."""
+    enc_width: int = 256
+    enc_depth: int = 12
+    enc_heads: int = 8
+    dec_width: int = 128
+    dec_depth: int = 4
+    dec_heads: int = 4
+    mlp_ratio: float = 2.0
+    dropout: float = 0.1          # encoder only
+    projector_dim: int = 128
+
+
+@dataclass
+class ObjectiveConfig:
+    """The pretraining objective. Defaults: the published training script's."""
+    method: str = "metamae"       # "metamae" or "mae"
+    mask_ratio: float = 0.5       # m
+    inner_lr: float = 0.5         # α, the inner-step size
+    inner_steps: int = 1          # k; the paper uses 1
+    learn_inner_lr: bool = False  # train α with the model (extension; the paper keeps it fixed)
+    first_order: bool = False     # treat ∇_z ℓ_s as a constant in the outer gradient
+    support_ratio: float = 0.1    # r, the "nearby-S" ratio
+    contrastive_weight: float = 0.1   # λ
+    temperature: float = 0.5      # τ; hard-coded 0.5 in the published code
+
+    def __post_init__(self):
+        if self.method not in ("metamae", "mae"):
+            raise ValueError(f"objective.method is {self.method!r}; expected 'metamae' or 'mae'")
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ValueError(f"objective.mask_ratio is {self.mask_ratio}; expected 0 <= m < 1")
+        if self.inner_steps < 1:
+            raise ValueError(f"objective.inner_steps is {self.inner_steps}; expected >= 1")
+        if self.temperature <= 0:
+            raise ValueError(f"objective.temperature is {self.temperature}; expected > 0")
+
+
+@dataclass
+class Losses:
+    """Every term of one loss evaluation; `total` is the one to backpropagate."""
+    total: torch.Tensor
+    reconstruction: torch.Tensor                       # hidden tokens, from z* (from z for MAE)
+    contrastive: Optional[torch.Tensor] = None         # NT-Xent between z and z*
+    support_before: Optional[torch.Tensor] = None      # ℓ_s(z), before the inner step
+    support_after: Optional[torch.Tensor] = None       # ℓ_s(z*), after it
+    inner_lr: Optional[torch.Tensor] = None            # α
+
+    def scalars(self) -> dict[str, float]:
+        return {name: float(value.detach()) for name, value in vars(self).items() if value is not None}
+
+
+# --------------------------------------------------------------------------------------------
+# Transformer blocks (pre-norm; no qkv bias; MLP fc1 → exact GELU → fc2)
+# --------------------------------------------------------------------------------------------
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.scale = heads, (width // heads) ** -0.5
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.proj = nn.Linear(width, width)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, twice_differentiable: bool = False) -> torch.Tensor:
+        B, T, W = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
+        if twice_differentiable:
+            # The fused CPU kernel has no double backward; the inner step differentiates its
+            # own gradient through here, so spell the attention out.
+            o = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1) @ v     # B × H × T × hd
+        else:
+            o = F.scaled_dot_product_attention(q, k, v)                          # B × H × T × hd
+        return self.drop(self.proj(o.transpose(1, 2).reshape(B, T, W)))
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, hidden: int, dropout: float):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(width, hidden), nn.Linear(hidden, width)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    def __init__(self, width: int, heads: int, mlp_ratio: float, dropout: float):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn = Attention(width, heads, dropout)
+        self.mlp = MLP(width, int(width * mlp_ratio), dropout)
+
+    def forward(self, x: torch.Tensor, twice_differentiable: bool = False) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), twice_differentiable)
+        return x + self.mlp(self.norm2(x))
+
+
+# --------------------------------------------------------------------------------------------
+# The pieces of the objective, as pure functions
+# --------------------------------------------------------------------------------------------
+
+def random_masking(tokens: torch.Tensor, mask_ratio: float, noise: torch.Tensor):
+    """Keep the K = int(N(1 − m)) tokens with the smallest noise (MAE's per-sample shuffle).
+
+    tokens B × N × D, noise B × N uniform -> kept B × K × D, mask B × N (1 = hidden), restore B × N.
+    """
+    B, N, D = tokens.shape
+    keep = int(N * (1 - mask_ratio))
+    shuffle = torch.argsort(noise, dim=1)                              # ascending: small = keep
+    restore = torch.argsort(shuffle, dim=1)
+    kept = torch.gather(tokens, 1, shuffle[:, :keep, None].expand(-1, -1, D))
+    mask = torch.ones(B, N, dtype=tokens.dtype, device=tokens.device)
+    mask[:, :keep] = 0
+    return kept, torch.gather(mask, 1, restore), restore
+
+
+def support_set(mask: torch.Tensor, nearby: torch.Tensor, uniforms: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Every visible token, plus each hidden token next to a visible one with probability r.
+
+    mask B × N (1 = hidden), nearby B × N bool, uniforms B × N in [0, 1) -> support B × N in {0, 1}.
+    """
+    return mask * nearby * (uniforms < ratio) + (1 - mask)
+
+
+def weighted_mean(token_loss: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Σ w ℓ / Σ w over the whole batch (B × N each): R(pred, w) of the objective."""
+    return (token_loss * weight).sum() / weight.sum()
+
+
+def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric InfoNCE between two views, B × P each; row i's positive is row i of the other view."""
+    B = a.shape[0]
+    e = torch.cat([F.normalize(a, dim=1), F.normalize(b, dim=1)])         # 2B × P
+    logits = e @ e.t() / temperature                                    # 2B × 2B
+    self_pairs = torch.eye(2 * B, dtype=torch.bool, device=e.device)
+    logits = logits.masked_fill(self_pairs, float("-inf"))
+    targets = torch.cat([torch.arange(B, 2 * B), torch.arange(0, B)]).to(e.device)
+    return F.cross_entropy(logits, targets)
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------
+
+class MetaMAE(nn.Module):
+    def __init__(self, spec: Spec, model: ModelConfig = ModelConfig(),
+                 objective: ObjectiveConfig = ObjectiveConfig()):
+        super().__init__()
+        self.spec, self.config, self.objective = spec, model, objective
+        D, Dd = model.enc_width, model.dec_width
+        self.tokenizer = spec.tokenizer(D, Dd)       # embedding in, reconstruction head out
+
+        # encoder
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.register_buffer("enc_pos", self.tokenizer.positions(D), persistent=False)   # 1 × (1+N) × D
+        self.enc_drop = nn.Dropout(model.dropout)
+        self.encoder = nn.ModuleList(Block(D, model.enc_heads, model.mlp_ratio, model.dropout)
+                                     for _ in range(model.enc_depth))
+        self.enc_norm = nn.LayerNorm(D)
+
+        # decoder
+        self.dec_embed = nn.Linear(D, Dd)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
+        self.register_buffer("dec_pos", self.tokenizer.positions(Dd), persistent=False)  # 1 × (1+N) × D'
+        self.decoder = nn.ModuleList(Block(Dd, model.dec_heads, model.mlp_ratio, 0.0)
+                                     for _ in range(model.dec_depth))
+        self.dec_norm = nn.LayerNorm(Dd)
+        self._init_weights()
+
+        # MetaMAE's task-contrastive projector (PyTorch's default initialisation) and α
+        if objective.method == "metamae":
+            self.projector = nn.Sequential(nn.Linear(D, 4 * D, bias=False), nn.BatchNorm1d(4 * D),
+                                           nn.ReLU(), nn.Linear(4 * D, model.projector_dim, bias=False))
+            self.inner_lr = nn.Parameter(torch.tensor(float(objective.inner_lr)),
+                                         requires_grad=objective.learn_inner_lr)
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        self.tokenizer.init_weights()
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    # ---- encoder -------------------------------------------------------------------------------
+
+    def _run_encoder(self, tokens: torch.Tensor) -> torch.Tensor:
+        """B × T × D embedded tokens (positions added) -> B × (1+T) × D, cls first."""
+        cls = (self.cls_token + self.enc_pos[:, :1]).expand(tokens.shape[0], -1, -1)
+        z = self.enc_drop(torch.cat([cls, tokens], dim=1))
+        for block in self.encoder:
+            z = block(z)
+        return self.enc_norm(z)
+
+    def encode(self, x: Batch, masking_noise: torch.Tensor):
+        """x -> z B × (1+K) × D (cls, then the visible tokens in kept order), mask, restore."""
+        tokens = self.tokenizer.embed(x) + self.enc_pos[:, 1:]                # B × N × D
+        kept, mask, restore = random_masking(tokens, self.objective.mask_ratio, masking_noise)
+        return self._run_encoder(kept), mask, restore
+
+    def features(self, x: Batch, per_token: bool = False) -> torch.Tensor:
+        """Linear-evaluation features, no masking: mean of the N token outputs (B × D), or B × N × D."""
+        z = self._run_encoder(self.tokenizer.embed(x) + self.enc_pos[:, 1:])[:, 1:]
+        return z if per_token else z.mean(dim=1)
+
+    # ---- decoder -------------------------------------------------------------------------------
+
+    def decode(self, z: torch.Tensor, restore: torch.Tensor, twice_differentiable: bool = False) -> Batch:
+        """z B × (1+K) × D -> predictions for all N tokens, in their original order."""
+        h = self.dec_embed(z)                                                  # B × (1+K) × D'
+        B, K1, Dd = h.shape
+        N = restore.shape[1]
+        h_tokens = torch.cat([h[:, 1:], self.mask_token.expand(B, N + 1 - K1, Dd)], dim=1)   # B × N × D'
+        h_tokens = torch.gather(h_tokens, 1, restore[:, :, None].expand(-1, -1, Dd))       # un-shuffle
+        h = torch.cat([h[:, :1], h_tokens], dim=1) + self.dec_pos              # B × (1+N) × D'
+        for block in self.decoder:
+            h = block(h, twice_differentiable)
+        return self.tokenizer.reconstruct(self.dec_norm(h)[:, 1:])
+
+    # ---- the meta-learning step ----------------------------------------------------------------
+
+    def adapt(self, z: torch.Tensor, restore: torch.Tensor, target: Batch, support: torch.Tensor):
+        """k inner steps z ← z − α ∇_z [B · R(dec(z), s)] on the support set s.
+
+        Returns z* and ℓ_s(z) before the first step. Second order keeps ∇_z in the graph, so the
+        outer gradient flows through it; first order treats it as a constant.
+        """
+        second_order = not self.objective.first_order
+        support_before = None
+        for _ in range(self.objective.inner_steps):
+            pred = self.decode(z, restore, twice_differentiable=second_order)
+            support_loss = weighted_mean(self.tokenizer.token_loss(pred, target), support)
+            if support_before is None:
+                support_before = support_loss
+            grad, = torch.autograd.grad(support_loss * z.shape[0], z, create_graph=second_order)
+            z = z - self.inner_lr * grad                                       # B × (1+K) × D
+        return z, support_before
+
+    def contrast(self, z: torch.Tensor, z_adapted: torch.Tensor) -> torch.Tensor:
+        """Task contrast: the mean visible token of z and of z*, projected, as two views."""
+        return nt_xent(self.projector(z[:, 1:].mean(dim=1)), self.projector(z_adapted[:, 1:].mean(dim=1)),
+                       self.objective.temperature)
+
+    # ---- the objective -------------------------------------------------------------------------
+
+    def forward(self, x: Batch, masking_noise: Optional[torch.Tensor] = None,
+                support_noise: Optional[torch.Tensor] = None,
+                generator: Optional[torch.Generator] = None) -> Losses:
+        """One loss evaluation. Two B × N uniform draws, in this order: masking, then support.
+
+        Pass them explicitly (masking_noise, support_noise) to pin them, or a torch.Generator.
+        """
+        B, N = _batch_size(x), self.tokenizer.num_tokens
+        device = self.cls_token.device
+        if masking_noise is None:
+            masking_noise = torch.rand(B, N, device=device, generator=generator)
+        target = self.tokenizer.targets(x)
+        z, mask, restore = self.encode(x, masking_noise)                       # z: B × (1+K) × D
+
+        if self.objective.method == "mae":
+            reconstruction = weighted_mean(self.tokenizer.token_loss(self.decode(z, restore), target), mask)
+            return Losses(total=reconstruction, reconstruction=reconstruction)
+
+        if support_noise is None:
+            support_noise = torch.rand(B, N, device=device, generator=generator)
+        nearby = self.tokenizer.nearby(mask == 0)
+        support = support_set(mask, nearby, support_noise, self.objective.support_ratio)   # B × N
+        z_adapted, support_before = self.adapt(z, restore, target, support)
+
+        token_loss = self.tokenizer.token_loss(self.decode(z_adapted, restore), target)    # B × N
+        reconstruction = weighted_mean(token_loss, mask)
+        contrastive = self.contrast(z, z_adapted)
+        return Losses(total=reconstruction + self.objective.contrastive_weight * contrastive,
+                      reconstruction=reconstruction, contrastive=contrastive,
+                      support_before=support_before.detach(),
+                      support_after=weighted_mean(token_loss.detach(), support),
+                      inner_lr=self.inner_lr.detach())
+
+
+def _batch_size(x: Batch) -> int:
+    return (x[0] if isinstance(x, (tuple, list)) else x).shape[0]

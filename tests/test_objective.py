@@ -1,0 +1,125 @@
+"""The MetaMAE objective, pinned draw for draw against an independent re-implementation of the
+published code (tests/published_reference.py), and its gradients checked by finite differences."""
+import pytest
+import torch
+
+from metamae.model import random_masking, support_set
+from metamae.modality import nearby_1d, nearby_2d
+from tests.conftest import SPECS, random_batch, tiny_model
+from tests.published_reference import RefMetaMAE
+
+# Our parameter names -> the published code's.
+RENAMES = [("tokenizer.proj.", "patch_embed."), ("tokenizer.head.", "decoder_head."),
+           ("enc_norm.", "norm_enc."), ("dec_norm.", "norm_dec."), ("dec_embed.", "decoder_embed.")]
+
+
+def renamed(name: str) -> str:
+    for ours, theirs in RENAMES:
+        name = name.replace(ours, theirs)
+    return name
+
+
+def published_shape(spec):
+    """The published constructor's (kind, channels, length or side, patch, vocab) for a spec."""
+    if spec.kind == "timeseries":
+        return "1d", spec.channels, spec.length, spec.patch, None
+    if spec.kind == "tabular":
+        return "1d", 1, spec.features, 1, None
+    if spec.kind == "image":
+        return "2d", spec.channels, spec.height, spec.patch, None
+    return "tokens", None, spec.length, 1, spec.vocab
+
+
+def reference_of(model) -> RefMetaMAE:
+    """The published model with `model`'s weights copied in by name."""
+    spec, cfg, obj = model.spec, model.config, model.objective
+    kind, channels, length, patch, vocab = published_shape(spec)
+    ref = RefMetaMAE(kind, channels, length, patch, vocab, enc_dim=cfg.enc_width, enc_depth=cfg.enc_depth,
+                     enc_heads=cfg.enc_heads, dec_dim=cfg.dec_width, dec_depth=cfg.dec_depth,
+                     dec_heads=cfg.dec_heads, dropout=cfg.dropout, mask_ratio=obj.mask_ratio,
+                     inner_lr=obj.inner_lr, reg_weight=obj.contrastive_weight, s_ratio=obj.support_ratio,
+                     first_order=obj.first_order, temperature=obj.temperature)
+    ref.projector[3] = torch.nn.Linear(4 * cfg.enc_width, cfg.projector_dim, bias=False)
+    ref = ref.to(torch.float64)
+    state = {renamed(name): value for name, value in model.state_dict().items() if name != "inner_lr"}
+    missing, unexpected = ref.load_state_dict(state, strict=False)
+    allowed = {"pos_embed", "decoder_pos_embed"} | ({k for k in missing if k.startswith("projector.")}
+                                                  if obj.method == "mae" else set())
+    assert set(missing) <= allowed and not unexpected
+    return ref
+
+
+def draws(model, batch: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    N = model.tokenizer.num_tokens
+    return torch.rand(batch, N, generator=g), torch.rand(batch, N, generator=g)
+
+
+@pytest.mark.parametrize("kind", ["timeseries", "tabular", "tokens", "image"])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_metamae_matches_published_code_draw_for_draw(kind, first_order):
+    model = tiny_model(kind, mask_ratio=0.6, inner_lr=0.5, contrastive_weight=1.0, first_order=first_order)
+    ref = reference_of(model)
+    x = random_batch(model.spec, 6, torch.Generator().manual_seed(1), torch.float64)
+    u0, u1 = draws(model, 6, seed=2)
+    ours = model(x, masking_noise=u0, support_noise=u1)
+    theirs = ref.metamae_loss(x, u0, u1)
+    for ours_term, their_term in [(ours.total, "loss"), (ours.reconstruction, "recon"),
+                                  (ours.contrastive, "contrastive")]:
+        torch.testing.assert_close(ours_term, theirs[their_term], rtol=1e-10, atol=1e-12)
+    ours_grads = torch.autograd.grad(ours.total, [p for p in model.parameters() if p.requires_grad])
+    ref_params = dict(ref.named_parameters())
+    their_grads = torch.autograd.grad(theirs["loss"], list(ref_params.values()), allow_unused=True)
+    their_grads = dict(zip(ref_params, their_grads))
+    trained = [name for name, p in model.named_parameters() if p.requires_grad]
+    for name, grad in zip(trained, ours_grads):
+        torch.testing.assert_close(grad, their_grads[renamed(name)], rtol=1e-8, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["timeseries", "tokens", "image"])
+def test_mae_matches_published_code(kind):
+    model = tiny_model(kind, method="mae", mask_ratio=0.75)
+    ref = reference_of(model)
+    x = random_batch(model.spec, 4, torch.Generator().manual_seed(3), torch.float64)
+    u0, _ = draws(model, 4, seed=4)
+    torch.testing.assert_close(model(x, masking_noise=u0).total, ref.mae_loss(x, u0), rtol=1e-10, atol=1e-12)
+
+
+def test_mask_keeps_int_n_times_one_minus_m():
+    kept, mask, restore = random_masking(torch.zeros(2, 64, 4), 0.85, torch.rand(2, 64))
+    assert kept.shape == (2, 9, 4) and mask.sum().item() == 2 * 55      # int(64 · 0.15) = 9
+    assert torch.equal(restore.sort(dim=1).values, torch.arange(64).expand(2, 64))
+
+
+def test_support_set_1d_holds_visible_and_only_adjacent_hidden_tokens():
+    mask = torch.tensor([[0, 1, 1, 1, 0, 1, 1, 0, 1, 1.]])
+    everything = torch.zeros_like(mask)                      # u1 = 0 < r: keep every candidate
+    support = support_set(mask, nearby_1d(mask == 0), everything, ratio=0.1)
+    assert support.tolist() == [[1, 1, 0, 1, 1, 1, 1, 1, 1, 0]]
+    nothing = torch.ones_like(mask)                           # u1 = 1 >= r: only visible tokens
+    assert support_set(mask, nearby_1d(mask == 0), nothing, 0.1).tolist() == [(1 - mask).tolist()[0]]
+
+
+def test_support_set_2d_uses_the_4_neighbourhood():
+    visible = torch.zeros(1, 4, 4, dtype=torch.bool)
+    visible[0, 1, 1] = True                                   # one visible token at row 1, column 1
+    near = nearby_2d(visible.view(1, 16), 4, 4).view(4, 4)
+    expected = torch.zeros(4, 4, dtype=torch.bool)
+    for r, c in [(1, 1), (0, 1), (2, 1), (1, 0), (1, 2)]:
+        expected[r, c] = True
+    assert torch.equal(near, expected)                        # no diagonals, no wrap-around
+    corner = torch.zeros(1, 16, dtype=torch.bool)
+    corner[0, 3] = True                                       # row 0, last column: no wrap to row 1
+    assert nearby_2d(corner, 4, 4).view(4, 4).nonzero().tolist() == [[0, 2], [0, 3], [1, 3]]
+
+
+def test_support_set_draws_with_probability_r():
+    torch.manual_seed(0)
+    mask = (torch.rand(200, 50) < 0.7).double()
+    near = nearby_1d(mask == 0)
+    support = support_set(mask, near, torch.rand(200, 50), ratio=0.3)
+    candidates = (mask == 1) & near
+    chosen = (support == 1) & candidates
+    assert torch.all(support[mask == 0] == 1)
+    assert torch.all(support[(mask == 1) & ~near] == 0)
+    assert abs(chosen.sum() / candidates.sum() - 0.3) < 0.03
