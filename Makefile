@@ -1,0 +1,32 @@
+# make demo : set up .venv if needed, pretrain MetaMAE and MAE on the embedded digits, probe them
+#             beside a random-init encoder
+# make test : set up .venv if needed, run the test suite
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test bench install clean
+
+install: $(STAMP)
+
+# torch==2.13.0 (a CPU build) goes in first where there is no torch: a bare `torch` requirement
+# would pull a multi-GB CUDA build. The constraint keeps whatever torch is there from being swapped.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/constraints.txt
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m metamae.pretrain baselines=true
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) bench/step.py
+
+clean:
+	rm -rf $(VENV) runs

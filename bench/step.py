@@ -1,0 +1,181 @@
+"""Time, FLOPs and memory of one MetaMAE training step on a CPU, against a plain matmul.
+
+For each input shape (PAMAP2: 64 × 52 × 320, patch 5; ImageNet32: 64 × 3 × 32 × 32, patch 4) and
+each method (MAE, MetaMAE first order, MetaMAE second order) it builds the `dabs` backbone
+(ModelConfig() defaults) in train mode and measures one training step: AdamW zero_grad,
+loss = model(x).total, backward, optimizer step.
+
+- time: 3 warm-up steps, then --steps timed ones; median, min, IQR and every step, in ms.
+- GFLOP: torch.utils.flop_counter.FlopCounterMode over one further full step (forward + backward;
+  it counts matmuls, convolutions and attention, not element-wise ops or the optimizer).
+- GFLOP/s: GFLOP / median seconds, also as a fraction of a 2048 × 2048 float32 matmul's GFLOP/s
+  measured in the same run (median of 10 after 3 warm-ups).
+- memory: each configuration runs in its own subprocess (this script re-invoked with --config).
+  peak_rss_mb is that process's VmHWM (peak resident set, from /proc/self/status) after the
+  timed steps; setup_rss_mb is its VmRSS once the model, optimizer and batch exist; step_extra_mb
+  is the difference, i.e. what the training steps add on top of the set-up process.
+- contention: other_cpu_share is the share of the machine's CPU time that other processes used
+  during the timed steps (from /proc/stat); "contended" lists the measurements where it exceeded
+  5%, whose timings should be repeated on a quiet machine.
+
+Everything runs with torch.set_num_threads(2). Prints one JSON object to stdout.
+
+    .venv/bin/python bench/step.py                       # full run (several minutes)
+    .venv/bin/python bench/step.py --steps 2 --batch 8   # smoke run
+    .venv/bin/python bench/step.py --shapes pamap2 --methods mae,second_order
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from metamae.modality import ImageSpec, TimeSeriesSpec  # noqa: E402
+from metamae.model import MetaMAE, ModelConfig, ObjectiveConfig  # noqa: E402
+
+THREADS, WARMUP, MATMUL_N, CONTENDED = 2, 3, 2048, 0.05
+
+# shape -> (spec, input shape without the batch, mask ratio, contrastive weight)
+SHAPES = {
+    "pamap2": (TimeSeriesSpec(channels=52, length=320, patch=5), (52, 320), 0.85, 1.0),
+    "imagenet32": (ImageSpec(channels=3, height=32, width=32, patch=4), (3, 32, 32), 0.5, 0.1),
+}
+METHODS = {
+    "mae": dict(method="mae"),
+    "first_order": dict(method="metamae", first_order=True),
+    "second_order": dict(method="metamae", first_order=False),
+}
+
+
+def proc_status_mb(field: str) -> float:
+    """A memory line of /proc/self/status (VmRSS, VmHWM, ...) in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def cpu_seconds() -> tuple[float, float, float]:
+    """(wall clock, busy CPU seconds of the whole machine, CPU seconds of this process)."""
+    jiffies = [int(v) for v in Path("/proc/stat").read_text().split()[1:9]]   # user .. steal
+    busy = sum(jiffies) - jiffies[3] - jiffies[4]                              # minus idle, iowait
+    return time.perf_counter(), busy / os.sysconf("SC_CLK_TCK"), sum(os.times()[:2])
+
+
+def timed(fn, steps: int) -> dict:
+    """Run fn WARMUP times, then time it `steps` times (ms). other_cpu_share: the share of the
+    machine's CPUs that other processes (or the hypervisor) used meanwhile; above a few percent
+    the timings are not to be trusted (2 OpenMP threads on 2 shared cores slow down many-fold)."""
+    for _ in range(WARMUP):
+        fn()
+    times, before = [], cpu_seconds()
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    wall, busy, own = (after - b for after, b in zip(cpu_seconds(), before))
+    q1, _, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else times * 3
+    return {"ms_median": statistics.median(times), "ms_min": min(times), "ms_iqr": [q1, q3],
+            "ms_all": [round(t, 2) for t in times],
+            "other_cpu_share": max(0.0, (busy - own) / (wall * os.cpu_count()))}
+
+
+def matmul_baseline(steps: int) -> dict:
+    a, b = torch.randn(MATMUL_N, MATMUL_N), torch.randn(MATMUL_N, MATMUL_N)
+    stats = timed(lambda: a @ b, max(steps, 10))
+    stats["gflop_per_s"] = 2 * MATMUL_N ** 3 / 1e9 / (stats["ms_median"] / 1e3)
+    return stats
+
+
+def build(shape: str, method: str, batch: int):
+    spec, dims, mask_ratio, weight = SHAPES[shape]
+    objective = ObjectiveConfig(mask_ratio=mask_ratio, contrastive_weight=weight, inner_lr=0.5,
+                                **METHODS[method])
+    model = MetaMAE(spec, ModelConfig(), objective).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
+    return model, optimizer, torch.randn(batch, *dims)
+
+
+def training_step(model, optimizer, x) -> None:
+    optimizer.zero_grad()
+    model(x).total.backward()
+    optimizer.step()
+
+
+def measure_config(shape: str, method: str, batch: int, steps: int) -> dict:
+    """One configuration, in this process: time, memory, then FLOPs (counting is slow)."""
+    torch.manual_seed(0)
+    model, optimizer, x = build(shape, method, batch)
+    setup_rss = proc_status_mb("VmRSS")
+    stats = timed(lambda: training_step(model, optimizer, x), steps)
+    peak_rss = proc_status_mb("VmHWM")
+    with FlopCounterMode(display=False) as counter:
+        training_step(model, optimizer, x)
+    gflop = counter.get_total_flops() / 1e9
+    return {**stats, "gflop": gflop, "gflop_per_s": gflop / (stats["ms_median"] / 1e3),
+            "setup_rss_mb": setup_rss, "peak_rss_mb": peak_rss, "step_extra_mb": peak_rss - setup_rss}
+
+
+def measure_in_subprocess(shape: str, method: str, batch: int, steps: int) -> dict:
+    command = [sys.executable, __file__, "--config", f"{shape}:{method}",
+               "--batch", str(batch), "--steps", str(steps)]
+    return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+
+
+def ratios(results: dict) -> dict:
+    """Per method: time and FLOPs relative to MAE (only if MAE was measured)."""
+    if "mae" not in results:
+        return {}
+    mae = results["mae"]
+    return {f"{m}_over_mae": {"time": r["ms_median"] / mae["ms_median"], "flop": r["gflop"] / mae["gflop"]}
+            for m, r in results.items() if m != "mae"}
+
+
+def measurements(report: dict):
+    yield "matmul_2048", report["matmul_2048"]
+    for shape, entry in report["shapes"].items():
+        for method, r in entry["methods"].items():
+            yield f"{shape}:{method}", r
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
+    p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--config", help=argparse.SUPPRESS)    # shape:method; internal, one subprocess
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(THREADS)
+    if args.config:
+        print(json.dumps(measure_config(*args.config.split(":"), args.batch, args.steps)))
+        return
+    matmul = matmul_baseline(args.steps)
+    report = {"setup": {"torch": torch.__version__, "threads": THREADS, "machine": platform.processor()
+                        or platform.machine(), "batch": args.batch, "warmup": WARMUP, "steps": args.steps},
+              "matmul_2048": matmul, "shapes": {}}
+    for shape in args.shapes.split(","):
+        results = {m: measure_in_subprocess(shape, m, args.batch, args.steps) for m in args.methods.split(",")}
+        for r in results.values():
+            r["fraction_of_matmul"] = r["gflop_per_s"] / matmul["gflop_per_s"]
+        report["shapes"][shape] = {"methods": results, "ratios": ratios(results)}
+    report["contended"] = [name for name, r in measurements(report) if r["other_cpu_share"] > CONTENDED]
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

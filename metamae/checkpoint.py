@@ -1,0 +1,61 @@
+"""One checkpoint file per run: model, optimizer, step, config and library version.
+
+Written atomically (a temporary file in the same folder, then a rename), so a crash never leaves
+a half-written checkpoint; read with `torch.load(weights_only=True)`, which runs no pickled code.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from metamae import __version__
+from metamae.model import MetaMAE, ModelConfig, ObjectiveConfig
+from metamae.modality import spec_from_dict
+
+FILENAME = "checkpoint.pt"
+
+
+def save_checkpoint(path: Path, model: MetaMAE, optimizer: Optional[torch.optim.Optimizer], step: int,
+                    config: dict[str, Any]) -> Path:
+    """`config` holds plain values: {'dataset': {...}, 'model': {...}, 'objective': {...}, ...}."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"model": model.state_dict(), "step": step, "config": config, "version": __version__,
+               "optimizer": optimizer.state_dict() if optimizer is not None else None,
+               "torch_rng": torch.get_rng_state()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / FILENAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}: pass the checkpoint file or the run folder holding "
+                                f"{FILENAME}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"checkpoint {path} could not be read ({error}); it may be truncated or not a "
+                         f"MetaMAE checkpoint") from error
+
+
+def model_from_checkpoint(checkpoint: dict[str, Any]) -> MetaMAE:
+    """Rebuild the model a checkpoint was saved from, with its weights."""
+    config = checkpoint["config"]
+    model = MetaMAE(spec_from_dict(config["dataset"]["input"]), ModelConfig(**config["model"]),
+                    ObjectiveConfig(**config["objective"]))
+    model.load_state_dict(checkpoint["model"])
+    return model

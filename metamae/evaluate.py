@@ -1,0 +1,51 @@
+"""python -m metamae.evaluate checkpoint=PATH [dataset=digits] [probe.epochs=100]
+
+Linear evaluation of a pretrained checkpoint (a checkpoint.pt or the run folder holding it).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from metamae.checkpoint import load_checkpoint, model_from_checkpoint
+from metamae.config import EvaluateConfig, register, to_object
+from metamae.data import load_dataset
+from metamae.linear_eval import ProbeResult, linear_probe
+from metamae.modality import spec_from_dict
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
+
+def run(cfg: EvaluateConfig) -> ProbeResult:
+    checkpoint = load_checkpoint(Path(cfg.checkpoint))
+    trained_on = spec_from_dict(checkpoint["config"]["dataset"]["input"])
+    if trained_on != cfg.dataset.spec():
+        raise ValueError(f"checkpoint {cfg.checkpoint} was pretrained on inputs {trained_on}, and dataset "
+                         f"{cfg.dataset.name!r} has inputs {cfg.dataset.spec()}: evaluate it on a dataset of "
+                         f"the same shape")
+    model = model_from_checkpoint(checkpoint)
+    data = load_dataset(cfg.dataset, seed=cfg.probe.seed)
+    result = linear_probe(model, data, cfg.dataset.metric, cfg.dataset.num_classes, cfg.probe,
+                          cfg.dataset.batch_size, cfg.dataset.per_token)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "evaluation.json").write_text(json.dumps(
+        {"checkpoint": str(cfg.checkpoint), "step": checkpoint["step"], **dataclasses.asdict(result)}, indent=2))
+    print(f"{cfg.dataset.name}: {result.metric} test {result.test:.4f} train {result.train:.4f} "
+          f"(checkpoint step {checkpoint['step']})")
+    return result
+
+
+@hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    run(to_object(cfg))
+
+
+register()
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Linear evaluation: a linear head trained on the frozen encoder's features.
+
+Features are the mean of the encoder's output tokens without cls (per token for per-token tasks),
+computed once with no masking. The head is trained with Adam (lr 1e-4, weight decay 1e-4, 100
+epochs by default, as in the paper) and scored with the dataset's metric by scikit-learn or scipy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy.stats import pearsonr, spearmanr
+from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
+
+from metamae.config import ProbeConfig
+from metamae.data.arrays import ArrayDataset, Split, batches
+from metamae.model import MetaMAE
+
+
+@dataclass
+class ProbeResult:
+    metric: str
+    test: float
+    train: float
+
+
+@torch.no_grad()
+def extract_features(model: MetaMAE, split: Split, batch_size: int, per_token: bool = False):
+    """Frozen-encoder features -> (N × D or N·L × D, labels flattened to match)."""
+    was_training = model.training
+    model.eval()
+    feats, labels = [], []
+    for x, y in batches(split, batch_size, drop_last=False):
+        f = model.features(x, per_token=per_token)                        # B × D or B × L × D
+        feats.append(f.reshape(-1, f.shape[-1]))
+        labels.append(y.reshape(-1) if per_token else y)
+    model.train(was_training)
+    return torch.cat(feats).float(), torch.cat(labels)
+
+
+def head_outputs(metric: str, num_classes: int) -> int:
+    """Classes for multi-class metrics; one logit for binary and regression; one per label for AUROC."""
+    return num_classes if metric in ("accuracy", "weighted_f1", "auroc") else 1
+
+
+def probe_loss(metric: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if metric in ("accuracy", "weighted_f1"):
+        return F.cross_entropy(out, y)
+    if metric in ("binary_accuracy", "auroc"):
+        return F.binary_cross_entropy_with_logits(out.reshape(y.shape), y.float())
+    return F.mse_loss(out.reshape(-1), y.float())                          # regression
+
+
+def score(metric: str, out: torch.Tensor, y: torch.Tensor) -> float:
+    y, out = y.numpy(), out.numpy()
+    if metric == "accuracy":
+        return float(accuracy_score(y, out.argmax(axis=1)))
+    if metric == "weighted_f1":
+        return float(f1_score(y, out.argmax(axis=1), average="weighted"))
+    if metric == "binary_accuracy":
+        return float(accuracy_score(y, (out.reshape(-1) > 0).astype(y.dtype)))
+    if metric == "auroc":
+        return float(roc_auc_score(y, out, average="macro"))
+    correlation = spearmanr if metric == "spearman" else pearsonr
+    return float(correlation(out.reshape(-1), y.reshape(-1))[0])
+
+
+def linear_probe(model: MetaMAE, data: ArrayDataset, metric: str, num_classes: int, cfg: ProbeConfig,
+                 batch_size: int, per_token: bool = False) -> ProbeResult:
+    batch_size = cfg.batch_size or batch_size
+    train_x, train_y = extract_features(model, data.train, batch_size, per_token)
+    test_x, test_y = extract_features(model, data.test, batch_size, per_token)
+
+    torch.manual_seed(cfg.seed)
+    head = nn.Linear(train_x.shape[1], head_outputs(metric, num_classes))
+    optimizer = torch.optim.Adam(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rng = np.random.default_rng(cfg.seed)
+    features = Split(train_x.numpy(), train_y.numpy())
+    for _ in range(cfg.epochs):
+        for x, y in batches(features, min(batch_size, len(features)), rng):
+            optimizer.zero_grad()
+            probe_loss(metric, head(x), y).backward()
+            optimizer.step()
+    with torch.no_grad():
+        return ProbeResult(metric, test=score(metric, head(test_x), test_y),
+                           train=score(metric, head(train_x), train_y))

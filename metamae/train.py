@@ -1,0 +1,119 @@
+"""Pretraining on one process: the step function and the plain loop around it.
+
+`train_step` is the unit that every trainer (this loop, Ray Train) calls. The loop adds logging to
+TensorBoard, atomic checkpoints, resuming from the run folder, and a clear stop on a NaN loss.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from tensorboardX import SummaryWriter
+
+from metamae.checkpoint import FILENAME, load_checkpoint, save_checkpoint
+from metamae.config import DatasetConfig, TrainConfig
+from metamae.data.arrays import endless_batches
+from metamae.data import ArrayDataset
+from metamae.model import Losses, MetaMAE, ModelConfig, ObjectiveConfig
+
+
+class NonFiniteLoss(FloatingPointError):
+    pass
+
+
+def make_optimizer(model: MetaMAE, cfg: TrainConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                             lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def check_finite(losses: Losses, step: int) -> None:
+    for name, value in losses.scalars().items():
+        if not math.isfinite(value):
+            raise NonFiniteLoss(f"step {step}: the {name} loss is {value}. Lower train.lr or "
+                                f"objective.inner_lr; the last good checkpoint is kept")
+
+
+def train_step(model: MetaMAE, optimizer: torch.optim.Optimizer, x, step: int) -> Losses:
+    """One optimisation step on batch `x`; raises NonFiniteLoss before touching the weights."""
+    model.train()
+    losses = model(x)
+    check_finite(losses, step)
+    optimizer.zero_grad(set_to_none=True)
+    losses.total.backward()
+    optimizer.step()
+    return losses
+
+
+@dataclass
+class RunConfig:
+    """What a run needs to be rebuilt later; stored in its checkpoint."""
+    dataset: DatasetConfig
+    model: ModelConfig
+    objective: ObjectiveConfig
+    train: TrainConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def pretrain(run: RunConfig, data: ArrayDataset, out_dir: Path, log: bool = True) -> MetaMAE:
+    """Pretrain for run.train.steps steps, resuming from out_dir's checkpoint if one is there."""
+    cfg, out_dir = run.train, Path(out_dir)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    model = MetaMAE(data.spec, run.model, run.objective).to(cfg.device)
+    optimizer = make_optimizer(model, cfg)
+    step = resume(out_dir / FILENAME, model, optimizer, run.to_dict())
+    if step >= cfg.steps:
+        return model
+
+    writer = SummaryWriter(str(out_dir / "tensorboard"))
+    stream: Iterator = endless_batches(data.train, run.dataset.batch_size, seed=cfg.seed + step)
+    last_log, examples = time.perf_counter(), 0
+    try:
+        while step < cfg.steps:
+            x, _ = next(stream)
+            step += 1
+            losses = train_step(model, optimizer, _to(x, cfg.device), step)
+            examples += run.dataset.batch_size
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                now = time.perf_counter()
+                scalars = {**losses.scalars(), "samples_per_s": examples / (now - last_log)}
+                for name, value in scalars.items():
+                    writer.add_scalar(f"pretrain/{name}", value, step)
+                if log:
+                    print(f"[{run.objective.method}] step {step}/{cfg.steps} "
+                          + " ".join(f"{k}={v:.4g}" for k, v in scalars.items()), flush=True)
+                last_log, examples = now, 0
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                save_checkpoint(out_dir / FILENAME, model, optimizer, step, run.to_dict())
+    finally:
+        writer.close()
+    return model
+
+
+def resume(path: Path, model: MetaMAE, optimizer: torch.optim.Optimizer, run_dict: dict[str, Any]) -> int:
+    """Load a run folder's checkpoint into model and optimizer; the step it was saved at, or 0."""
+    if not path.exists():
+        return 0
+    checkpoint = load_checkpoint(path)
+    saved = checkpoint["config"]
+    for part in ("dataset", "model", "objective"):
+        if saved[part] != run_dict[part]:
+            raise ValueError(f"{path} was saved by a run with another {part} config ({saved[part]}); "
+                             f"use a new out_dir, or the same {part} settings to resume it")
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    torch.set_rng_state(checkpoint["torch_rng"])
+    print(f"resuming from {path} at step {checkpoint['step']}", flush=True)
+    return checkpoint["step"]
+
+
+def _to(x, device: str):
+    return tuple(part.to(device) for part in x) if isinstance(x, tuple) else x.to(device)

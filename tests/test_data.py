@@ -1,0 +1,62 @@
+"""The embedded digits and the synthetic generators."""
+import numpy as np
+import pytest
+
+from metamae.data.arrays import Split, batches, endless_batches
+from metamae.data.digits import digits
+from metamae.data.synthetic import synthetic
+from metamae.modality import ImageSpec, TimeSeriesSpec, spec_from_dict, spec_to_dict
+from tests.conftest import SPECS
+
+
+def test_digits_is_a_fixed_stratified_split_of_the_bundled_images():
+    a, b = digits(), digits()
+    assert a.train.x.shape == (1347, 1, 8, 8) and a.test.x.shape == (450, 1, 8, 8)
+    assert np.array_equal(a.test.y, b.test.y) and np.array_equal(a.train.x, b.train.x)
+    assert 0.0 <= a.train.x.min() and a.train.x.max() <= 1.0
+    train_share = np.bincount(a.train.y) / len(a.train.y)
+    test_share = np.bincount(a.test.y) / len(a.test.y)
+    assert np.abs(train_share - test_share).max() < 0.01
+
+
+def test_synthetic_datasets_have_the_spec_shapes_and_learnable_classes(kind):
+    from sklearn.linear_model import LogisticRegression
+    data = synthetic(SPECS[kind], num_classes=3, train=300, test=150, seed=1)
+    x = data.train.x
+    parts = x if isinstance(x, tuple) else (x,)
+    assert all(len(p) == 300 for p in parts) and len(data.test) == 150
+    flat = lambda s: np.concatenate([p.reshape(len(p), -1) for p in (s.x if isinstance(s.x, tuple) else (s.x,))], 1)
+    if kind == "tokens":                                   # bag of tokens
+        flat = lambda s: np.stack([np.bincount(row, minlength=5) for row in s.x])
+    if kind == "timeseries":                               # random phase: the spectrum tells the class
+        flat = lambda s: np.abs(np.fft.rfft(s.x, axis=-1)).reshape(len(s.x), -1)
+    clf = LogisticRegression(max_iter=2000).fit(flat(data.train), data.train.y)
+    assert clf.score(flat(data.test), data.test.y) > 0.8
+
+
+def test_batches_cover_a_split_once_and_shuffle_deterministically():
+    split = Split(np.arange(10, dtype=np.float32)[:, None], np.arange(10))
+    seen = np.concatenate([y.numpy() for _, y in batches(split, 3, drop_last=False)])
+    assert seen.tolist() == list(range(10))
+    one = [y.tolist() for _, y in batches(split, 3, np.random.default_rng(0))]
+    two = [y.tolist() for _, y in batches(split, 3, np.random.default_rng(0))]
+    assert one == two and len(one) == 3 and one != [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+
+
+def test_a_split_smaller_than_a_batch_is_a_clear_error():
+    split = Split(np.zeros((5, 1), np.float32), np.zeros(5, np.int64))
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        next(endless_batches(split, 8, seed=0))
+
+
+def test_specs_round_trip_and_name_bad_keys():
+    for spec in SPECS.values():
+        assert spec_from_dict(spec_to_dict(spec)) == spec
+    with pytest.raises(ValueError, match="unknown: \\['chanels'\\]"):
+        spec_from_dict({"kind": "timeseries", "chanels": 3, "length": 10, "patch": 2})
+    with pytest.raises(ValueError, match="expected one of"):
+        spec_from_dict({"kind": "video"})
+    with pytest.raises(ValueError, match="patch 3 does not divide length 10"):
+        TimeSeriesSpec(channels=1, length=10, patch=3)
+    with pytest.raises(ValueError, match="patch 5 does not divide height 8"):
+        ImageSpec(channels=1, height=8, width=8, patch=5)

@@ -1,0 +1,123 @@
+"""Pretraining: the loss goes down, checkpoints are atomic and resumable, a NaN stops the run."""
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from metamae.checkpoint import FILENAME, load_checkpoint, model_from_checkpoint
+from metamae.config import DatasetConfig, TrainConfig
+from metamae.data.arrays import Split, batches
+from metamae.data.digits import digits
+from metamae.model import ModelConfig, ObjectiveConfig
+from metamae.train import NonFiniteLoss, RunConfig, pretrain
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = ModelConfig(enc_width=32, enc_depth=2, enc_heads=4, dec_width=16, dec_depth=1, dec_heads=2)
+DIGITS = DatasetConfig(name="digits", input={"kind": "image", "channels": 1, "height": 8, "width": 8, "patch": 2},
+                       num_classes=10, batch_size=64, source="digits")
+
+
+def run_config(steps: int, **objective) -> RunConfig:
+    return RunConfig(DIGITS, SMALL, ObjectiveConfig(**objective), TrainConfig(steps=steps, log_every=50,
+                                                                            checkpoint_every=50))
+
+
+def mean_loss(model, split: Split, seed: int = 0) -> float:
+    """The loss over fixed batches with fixed draws, without dropout."""
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    values = [model(x, generator=g).total.item() for x, _ in batches(split, 64)]
+    model.train()
+    return float(np.mean(values))
+
+
+@pytest.mark.parametrize("method", ["metamae", "mae"])
+def test_200_steps_on_the_embedded_digits_lower_the_training_loss(tmp_path, method):
+    data = digits()
+    run = run_config(200, method=method)
+    torch.manual_seed(run.train.seed)
+    untrained = pretrain(replace(run, train=replace(run.train, steps=0)), data, tmp_path / "untrained", log=False)
+    trained = pretrain(run, data, tmp_path / "trained", log=False)
+    assert mean_loss(trained, data.train) < 0.8 * mean_loss(untrained, data.train)
+    assert list((tmp_path / "trained" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_a_run_resumes_from_its_checkpoint_at_its_step_and_saves_what_it_trained(tmp_path):
+    data = digits()
+    pretrain(run_config(50), data, tmp_path / "resumed", log=False)
+    assert load_checkpoint(tmp_path / "resumed")["step"] == 50
+    resumed = pretrain(run_config(100), data, tmp_path / "resumed", log=False)
+    assert load_checkpoint(tmp_path / "resumed" / FILENAME)["step"] == 100
+    reloaded = model_from_checkpoint(load_checkpoint(tmp_path / "resumed"))
+    for (name, a), b in zip(resumed.state_dict().items(), reloaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert not list((tmp_path / "resumed").glob("*.tmp"))
+
+
+def test_resuming_with_another_model_config_is_refused(tmp_path):
+    pretrain(run_config(50), digits(), tmp_path, log=False)
+    other = replace(run_config(100), model=replace(SMALL, enc_width=16))
+    with pytest.raises(ValueError, match="another model config"):
+        pretrain(other, digits(), tmp_path, log=False)
+
+
+def test_a_truncated_checkpoint_is_a_clear_error(tmp_path):
+    pretrain(run_config(50), digits(), tmp_path, log=False)
+    path = tmp_path / FILENAME
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="could not be read"):
+        load_checkpoint(path)
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "nothing")
+
+
+def test_a_nan_loss_stops_the_run_naming_step_and_term_and_keeps_the_last_checkpoint(tmp_path):
+    data = digits()
+    pretrain(run_config(50), data, tmp_path, log=False)
+    before = load_checkpoint(tmp_path)
+    poisoned = replace(data, train=Split(np.full_like(data.train.x, np.nan), data.train.y))
+    with pytest.raises(NonFiniteLoss, match=r"step 51: the \w+ loss is nan"):
+        pretrain(run_config(100), poisoned, tmp_path, log=False)
+    after = load_checkpoint(tmp_path)
+    assert after["step"] == 50
+    assert all(torch.equal(before["model"][k], v) for k, v in after["model"].items())
+
+
+def cli(module: str, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *overrides], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_pretrain_and_evaluate_commands(tmp_path):
+    run = cli("metamae.pretrain", "dataset=digits", "model=tiny", "train.steps=20", "probe.epochs=2",
+              "baselines=true", f"out_dir={tmp_path}")
+    assert run.returncode == 0, run.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results) == {"metamae", "mae", "random_init"}
+    assert "random_init" in run.stdout and "mae" in run.stdout
+    evaluation = cli("metamae.evaluate", f"checkpoint={tmp_path / 'metamae'}", "dataset=digits", "probe.epochs=2",
+                     f"out_dir={tmp_path / 'eval'}")
+    assert evaluation.returncode == 0, evaluation.stderr
+    assert json.loads((tmp_path / "eval" / "evaluation.json").read_text())["step"] == 20
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.stepz=5", "stepz"),
+    ("objective.mask_ratio=1.5", "objective.mask_ratio is 1.5"),
+    ("dataset=nosuchdata", "nosuchdata"),
+    ("dataset.metric=top5", "dataset.metric is 'top5'"),
+])
+def test_a_wrong_config_key_or_value_fails_naming_it(override, message, tmp_path):
+    run = cli("metamae.pretrain", override, "train.steps=1", f"out_dir={tmp_path}")
+    assert run.returncode != 0
+    assert message in run.stderr + run.stdout
+
+
+def test_a_benchmark_dataset_without_shards_says_what_is_missing(tmp_path):
+    run = cli("metamae.pretrain", "dataset=pamap2", "train.steps=1", f"out_dir={tmp_path}")
+    assert run.returncode != 0 and "pamap2" in run.stderr and "shard" in run.stderr
