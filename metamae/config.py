@@ -31,9 +31,10 @@ class ObjectiveDefaults:
 class DatasetConfig:
     """One dataset: its modality, labels, metric and where the examples come from."""
     name: str = MISSING
-    input: Dict[str, Any] = MISSING    # a modality spec, e.g. {kind: image, channels: 1, ...}
-    num_classes: int = MISSING         # 0 for regression; number of labels for multi-label
-    metric: str = "accuracy"
+    # For source=shards, input, num_classes and metric come from the folder's manifest when left out.
+    input: Optional[Dict[str, Any]] = None   # a modality spec, e.g. {kind: image, channels: 1, ...}
+    num_classes: Optional[int] = None  # 0 for regression; number of labels for multi-label
+    metric: Optional[str] = None
     batch_size: int = 64
     per_token: bool = False            # one label per token (secondary structure)
     source: str = "shards"             # digits | synthetic | shards
@@ -41,20 +42,23 @@ class DatasetConfig:
     objective: ObjectiveDefaults = field(default_factory=ObjectiveDefaults)
 
     def __post_init__(self):
-        if self.metric not in METRICS:
+        if self.metric is not None and self.metric not in METRICS:
             raise ValueError(f"dataset.metric is {self.metric!r}; expected one of {list(METRICS)}")
         if self.source not in SOURCES:
             raise ValueError(f"dataset.source is {self.source!r}; expected one of {list(SOURCES)}")
 
     def spec(self) -> Spec:
+        if self.input is None:
+            raise ValueError(f"dataset {self.name!r} has no input spec: set dataset.input, or point "
+                             f"dataset.path at a prepared folder")
         return spec_from_dict(self.input)
 
 
 @dataclass
 class TrainConfig:
     """Pretraining: AdamW as in the paper."""
-    steps: int = 5000                  # configs/train/paper.yaml: the paper's 100k
-    lr: float = 1e-4
+    steps: int = 5000                  # configs/train/paper.yaml: the paper's 100k at lr 1e-4
+    lr: float = 1e-3                   # the tiny model on digits; the paper: 1e-4 (train=paper)
     weight_decay: float = 1e-4
     seed: int = 0
     log_every: int = 50

@@ -22,13 +22,14 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
 def run(cfg: EvaluateConfig) -> ProbeResult:
     checkpoint = load_checkpoint(Path(cfg.checkpoint))
+    data, dataset = load_dataset(cfg.dataset, seed=cfg.probe.seed)
+    cfg = dataclasses.replace(cfg, dataset=dataset)
     trained_on = spec_from_dict(checkpoint["config"]["dataset"]["input"])
     if trained_on != cfg.dataset.spec():
         raise ValueError(f"checkpoint {cfg.checkpoint} was pretrained on inputs {trained_on}, and dataset "
                          f"{cfg.dataset.name!r} has inputs {cfg.dataset.spec()}: evaluate it on a dataset of "
                          f"the same shape")
     model = model_from_checkpoint(checkpoint)
-    data = load_dataset(cfg.dataset, seed=cfg.probe.seed)
     result = linear_probe(model, data, cfg.dataset.metric, cfg.dataset.num_classes, cfg.probe,
                           cfg.dataset.batch_size, cfg.dataset.per_token)
     out_dir = Path(cfg.out_dir)

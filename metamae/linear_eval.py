@@ -16,7 +16,7 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
 from metamae.config import ProbeConfig
-from metamae.data.arrays import ArrayDataset, Split, batches
+from metamae.data.arrays import Split, batches
 from metamae.model import MetaMAE
 
 
@@ -28,12 +28,12 @@ class ProbeResult:
 
 
 @torch.no_grad()
-def extract_features(model: MetaMAE, split: Split, batch_size: int, per_token: bool = False):
-    """Frozen-encoder features -> (N × D or N·L × D, labels flattened to match)."""
+def extract_features(model: MetaMAE, data, split: str, batch_size: int, per_token: bool = False):
+    """Frozen-encoder features of one split -> (N × D or N·L × D, labels flattened to match)."""
     was_training = model.training
     model.eval()
     feats, labels = [], []
-    for x, y in batches(split, batch_size, drop_last=False):
+    for x, y in data.stream(split, batch_size):
         f = model.features(x, per_token=per_token)                        # B × D or B × L × D
         feats.append(f.reshape(-1, f.shape[-1]))
         labels.append(y.reshape(-1) if per_token else y)
@@ -68,11 +68,11 @@ def score(metric: str, out: torch.Tensor, y: torch.Tensor) -> float:
     return float(correlation(out.reshape(-1), y.reshape(-1))[0])
 
 
-def linear_probe(model: MetaMAE, data: ArrayDataset, metric: str, num_classes: int, cfg: ProbeConfig,
+def linear_probe(model: MetaMAE, data, metric: str, num_classes: int, cfg: ProbeConfig,
                  batch_size: int, per_token: bool = False) -> ProbeResult:
     batch_size = cfg.batch_size or batch_size
-    train_x, train_y = extract_features(model, data.train, batch_size, per_token)
-    test_x, test_y = extract_features(model, data.test, batch_size, per_token)
+    train_x, train_y = extract_features(model, data, "train", batch_size, per_token)
+    test_x, test_y = extract_features(model, data, "test", batch_size, per_token)
 
     torch.manual_seed(cfg.seed)
     head = nn.Linear(train_x.shape[1], head_outputs(metric, num_classes))

@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig
 
 from metamae.config import PretrainConfig, register, to_object
-from metamae.data import ArrayDataset, load_dataset
+from metamae.data import Dataset, load_dataset
 from metamae.linear_eval import ProbeResult, linear_probe
 from metamae.model import MetaMAE
 from metamae.train import RunConfig, pretrain
@@ -22,12 +22,12 @@ from metamae.train import RunConfig, pretrain
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
 
-def probe(model: MetaMAE, data: ArrayDataset, cfg: PretrainConfig) -> ProbeResult:
+def probe(model: MetaMAE, data: Dataset, cfg: PretrainConfig) -> ProbeResult:
     return linear_probe(model, data, cfg.dataset.metric, cfg.dataset.num_classes, cfg.probe,
                         cfg.dataset.batch_size, cfg.dataset.per_token)
 
 
-def random_init_encoder(data: ArrayDataset, cfg: PretrainConfig) -> MetaMAE:
+def random_init_encoder(data: Dataset, cfg: PretrainConfig) -> MetaMAE:
     torch.manual_seed(cfg.train.seed)
     return MetaMAE(data.spec, cfg.model, cfg.objective)
 
@@ -35,7 +35,8 @@ def random_init_encoder(data: ArrayDataset, cfg: PretrainConfig) -> MetaMAE:
 def run(cfg: PretrainConfig) -> dict[str, ProbeResult]:
     """Pretrain (and with cfg.baselines the MAE and random-init baselines), probe, write results.json."""
     out_dir = Path(cfg.out_dir)
-    data = load_dataset(cfg.dataset, seed=cfg.train.seed)
+    data, dataset = load_dataset(cfg.dataset, seed=cfg.train.seed)
+    cfg = dataclasses.replace(cfg, dataset=dataset)
     methods = ["metamae", "mae"] if cfg.baselines else [cfg.objective.method]
     results = {}
     for method in methods:

@@ -17,13 +17,12 @@ from tensorboardX import SummaryWriter
 
 from metamae.checkpoint import FILENAME, load_checkpoint, save_checkpoint
 from metamae.config import DatasetConfig, TrainConfig
-from metamae.data.arrays import endless_batches
-from metamae.data import ArrayDataset
+from metamae.data.arrays import Dataset, endless_batches
 from metamae.model import Losses, MetaMAE, ModelConfig, ObjectiveConfig
 
 
 class NonFiniteLoss(FloatingPointError):
-    pass
+    """A loss term became NaN or infinite; raised before the weights are touched."""
 
 
 def make_optimizer(model: MetaMAE, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -61,7 +60,7 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-def pretrain(run: RunConfig, data: ArrayDataset, out_dir: Path, log: bool = True) -> MetaMAE:
+def pretrain(run: RunConfig, data: Dataset, out_dir: Path, log: bool = True) -> MetaMAE:
     """Pretrain for run.train.steps steps, resuming from out_dir's checkpoint if one is there."""
     cfg, out_dir = run.train, Path(out_dir)
     if cfg.threads:
@@ -74,7 +73,7 @@ def pretrain(run: RunConfig, data: ArrayDataset, out_dir: Path, log: bool = True
         return model
 
     writer = SummaryWriter(str(out_dir / "tensorboard"))
-    stream: Iterator = endless_batches(data.train, run.dataset.batch_size, seed=cfg.seed + step)
+    stream: Iterator = endless_batches(data, run.dataset.batch_size, seed=cfg.seed + step)
     last_log, examples = time.perf_counter(), 0
     try:
         while step < cfg.steps:

@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 
-from metamae.data.arrays import Split, batches, endless_batches
+from metamae.data.arrays import ArrayDataset, Split, batches, endless_batches
 from metamae.data.digits import digits
 from metamae.data.synthetic import synthetic
-from metamae.modality import ImageSpec, TimeSeriesSpec, spec_from_dict, spec_to_dict
+from metamae.modality import ImageSpec, TabularSpec, TimeSeriesSpec, spec_from_dict, spec_to_dict
 from tests.conftest import SPECS
 
 
@@ -44,9 +44,10 @@ def test_batches_cover_a_split_once_and_shuffle_deterministically():
 
 
 def test_a_split_smaller_than_a_batch_is_a_clear_error():
-    split = Split(np.zeros((5, 1), np.float32), np.zeros(5, np.int64))
-    with pytest.raises(ValueError, match="fewer than one batch"):
-        next(endless_batches(split, 8, seed=0))
+    split = Split(np.zeros((5, 1, 3), np.float32), np.zeros(5, np.int64))
+    small = ArrayDataset("small", TabularSpec(features=3), train=split, test=split)
+    with pytest.raises(ValueError, match="fewer examples than one batch"):
+        next(endless_batches(small, 8, seed=0))
 
 
 def test_specs_round_trip_and_name_bad_keys():

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Optional, Union
+from typing import Iterator, Optional, Protocol, Union
 
 import numpy as np
 import torch
@@ -25,12 +25,28 @@ class Split:
         return Split(x, self.y[index])
 
 
+class Dataset(Protocol):
+    """What training and evaluation read: a name, a modality spec, and batches of a split."""
+    name: str
+    spec: Spec
+
+    def stream(self, split: str, batch_size: int, seed: Optional[int] = None,
+               drop_last: bool = False) -> Iterator[tuple[object, torch.Tensor]]: ...
+
+
 @dataclass
 class ArrayDataset:
+    """A dataset small enough to hold in memory (the digits, synthetic data)."""
     name: str
     spec: Spec
     train: Split
     test: Split
+
+    def stream(self, split: str, batch_size: int, seed: Optional[int] = None,
+               drop_last: bool = False) -> Iterator[tuple[object, torch.Tensor]]:
+        """One pass over a split in (inputs, labels) tensor batches; shuffled when seeded."""
+        rng = np.random.default_rng(seed) if seed is not None else None
+        return batches(getattr(self, split), batch_size, rng, drop_last)
 
 
 def to_tensors(x: Inputs, device: Union[str, torch.device] = "cpu"):
@@ -49,11 +65,15 @@ def batches(split: Split, batch_size: int, rng: Optional[np.random.Generator] = 
         yield to_tensors(part.x), torch.from_numpy(part.y)
 
 
-def endless_batches(split: Split, batch_size: int, seed: int) -> Iterator[tuple[object, torch.Tensor]]:
-    """Epoch after epoch, reshuffled each time, deterministic under `seed`."""
-    if len(split) < batch_size:
-        raise ValueError(f"the training split has {len(split)} examples, fewer than one batch of "
-                         f"{batch_size}: lower dataset.batch_size")
-    rng = np.random.default_rng(seed)
+def endless_batches(dataset: Dataset, batch_size: int, seed: int) -> Iterator[tuple[object, torch.Tensor]]:
+    """Full training batches, epoch after epoch; epoch e is shuffled with seed + e."""
+    epoch = 0
     while True:
-        yield from batches(split, batch_size, rng)
+        empty = True
+        for batch in dataset.stream("train", batch_size, seed=seed + epoch, drop_last=True):
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError(f"the training split of {dataset.name!r} has fewer examples than one batch of "
+                             f"{batch_size}: lower dataset.batch_size")
+        epoch += 1

@@ -1,0 +1,73 @@
+"""Which Arrow encoding to store fixed-shape example tensors in: measured, not guessed.
+
+Writes the same PAMAP2-shaped float32 examples (N × 52 × 320) to Parquet three ways and reads
+them back into one N × 52 × 320 numpy array:
+  - fixed_size_list: FixedSizeList<float32>[C·L], decoded by flattening the column;
+  - binary:          one bytes value per example, decoded with numpy.frombuffer over the buffer;
+  - tensor:          Arrow's FixedShapeTensorType extension type, decoded by to_numpy_ndarray().
+Prints JSON: write and read+decode MB/s, file size, per encoding (median of 5 reads).
+
+    .venv/bin/python bench/encoding.py [--rows 4096]
+"""
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SHAPE = (52, 320)
+
+
+def encode(kind: str, x: np.ndarray) -> pa.Array:
+    flat = pa.array(x.reshape(-1), type=pa.float32())
+    if kind == "fixed_size_list":
+        return pa.FixedSizeListArray.from_arrays(flat, int(np.prod(SHAPE)))
+    if kind == "binary":
+        return pa.array([row.tobytes() for row in x], type=pa.binary())
+    storage = pa.FixedSizeListArray.from_arrays(flat, int(np.prod(SHAPE)))
+    return pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(pa.float32(), SHAPE), storage)
+
+
+def decode(kind: str, column: pa.ChunkedArray) -> np.ndarray:
+    column = column.combine_chunks()
+    if kind == "fixed_size_list":
+        return column.flatten().to_numpy().reshape(-1, *SHAPE)
+    if kind == "binary":                                      # rows back to back in one buffer
+        offsets = np.frombuffer(column.buffers()[1], dtype=np.int32)[column.offset:column.offset + len(column) + 1]
+        values = np.frombuffer(column.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]]
+        return values.view(np.float32).reshape(-1, *SHAPE)
+    return column.to_numpy_ndarray()
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=4096)
+    args = parser.parse_args()
+    x = np.random.default_rng(0).standard_normal((args.rows, *SHAPE)).astype(np.float32)
+    megabytes = x.nbytes / 2**20
+    report = {"rows": args.rows, "shape": SHAPE, "raw_mb": round(megabytes, 1), "encodings": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in ("fixed_size_list", "binary", "tensor"):
+            path = Path(tmp) / f"{kind}.parquet"
+            start = time.perf_counter()
+            pq.write_table(pa.table({"x": encode(kind, x)}), path, row_group_size=512, compression="none")
+            write_s = time.perf_counter() - start
+            reads = []
+            for _ in range(5):
+                start = time.perf_counter()
+                decoded = decode(kind, pq.read_table(path, columns=["x"])["x"])
+                reads.append(time.perf_counter() - start)
+            assert np.array_equal(decoded, x), kind
+            report["encodings"][kind] = {
+                "write_mb_per_s": round(megabytes / write_s), "read_decode_mb_per_s": round(megabytes / statistics.median(reads)),
+                "file_mb": round(path.stat().st_size / 2**20, 1)}
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

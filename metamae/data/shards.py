@@ -1,0 +1,377 @@
+"""Parquet shards: one on-disk format for every modality.
+
+A dataset is a folder of Parquet files plus `manifest.json`: the dataset's name, modality spec (the
+dataclasses the model uses), label kind, metric, splits with each shard's rows, bytes and SHA-256,
+the converter's parameters and the format version. One row is one example: `id`, the input as
+fixed-size lists (`x`; `x_image` and `x_text` for image+text), and the label `y`.
+
+The writer names each shard `*.parquet.tmp` until it is complete, renames it, and writes the
+manifest last, so a crash mid-conversion never leaves a folder that looks complete. A folder with no
+manifest is an unfinished conversion: a new one clears its shards before writing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from metamae.data.arrays import to_tensors
+from metamae.modality import Spec, spec_from_dict, spec_to_dict
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+DEFAULT_SHARD_BYTES = 128 * 2**20
+ROW_GROUP_BYTES = 8 * 2**20
+LABEL_KINDS = ("class", "multilabel", "float", "per_token")
+
+
+class ShardError(ValueError):
+    """A shard or manifest that does not match what the dataset says it is."""
+
+
+# --------------------------------------------------------------------------------------------
+# Columns: which arrays an example has, and how they are stored
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    shape: tuple[int, ...]          # one example's shape
+    dtype: str                      # numpy dtype in memory
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def stored(self) -> pa.DataType:
+        """Tokens are stored as int32 and read back as int64 (what an embedding table takes)."""
+        return pa.int32() if self.dtype == "int64" else pa.from_numpy_dtype(np.dtype(self.dtype))
+
+    def encode(self, values: np.ndarray) -> pa.Array:
+        flat = pa.array(np.ascontiguousarray(values).reshape(-1).astype(self.stored.to_pandas_dtype()))
+        return flat if self.shape == () else pa.FixedSizeListArray.from_arrays(flat, self.size)
+
+    def decode(self, column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+        if isinstance(column, pa.ChunkedArray):
+            column = column.combine_chunks()
+        flat = column if self.shape == () else column.flatten()
+        return flat.to_numpy(zero_copy_only=False).astype(self.dtype, copy=False).reshape(-1, *self.shape)
+
+
+def input_columns(spec: Spec) -> list[Column]:
+    if spec.kind == "image_text":
+        return [dataclasses.replace(input_columns(spec.image)[0], name="x_image"),
+                dataclasses.replace(input_columns(spec.text)[0], name="x_text")]
+    shape = {"timeseries": lambda: (spec.channels, spec.length), "tabular": lambda: (1, spec.features),
+             "tokens": lambda: (spec.length,), "image": lambda: (spec.channels, spec.height, spec.width)}
+    return [Column("x", shape[spec.kind](), "int64" if spec.kind == "tokens" else "float32")]
+
+
+def label_column(label: str, num_classes: int, spec: Spec) -> Column:
+    if label == "class":
+        return Column("y", (), "int64")
+    if label == "multilabel":
+        return Column("y", (num_classes,), "int8")
+    if label == "float":
+        return Column("y", (), "float32")
+    return Column("y", (spec.length,), "int64")                       # per_token
+
+
+def schema(columns: list[Column]) -> pa.Schema:
+    fields = [pa.field("id", pa.int64())]
+    for c in columns:
+        fields.append(pa.field(c.name, c.stored if c.shape == () else pa.list_(c.stored, c.size)))
+    return pa.schema(fields)
+
+
+# --------------------------------------------------------------------------------------------
+# Manifest
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class ShardInfo:
+    file: str
+    rows: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    name: str
+    input: dict[str, Any]                          # spec_to_dict(spec)
+    num_classes: int
+    metric: str
+    label: str                                     # one of LABEL_KINDS
+    splits: dict[str, list[ShardInfo]]
+    converter: dict[str, Any] = field(default_factory=dict)
+    normalization: Optional[dict[str, Any]] = None
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def spec(self) -> Spec:
+        return spec_from_dict(self.input)
+
+    def columns(self) -> list[Column]:
+        return input_columns(self.spec) + [label_column(self.label, self.num_classes, self.spec)]
+
+    def rows(self, split: str) -> int:
+        return sum(s.rows for s in self.splits[split])
+
+    @classmethod
+    def load(cls, folder: Path) -> "Manifest":
+        path = Path(folder) / MANIFEST
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist: {folder} is not a prepared dataset, or its "
+                                    f"conversion did not finish; run `python -m metamae.data.prepare` for it")
+        try:
+            raw = json.loads(path.read_text())
+            if raw.get("format_version") != FORMAT_VERSION:
+                raise ShardError(f"{path} has format version {raw.get('format_version')}, this library reads "
+                                 f"{FORMAT_VERSION}: prepare the dataset again")
+            raw["splits"] = {k: [ShardInfo(**s) for s in v] for k, v in raw["splits"].items()}
+            return cls(**raw)
+        except (json.JSONDecodeError, TypeError, KeyError) as error:
+            raise ShardError(f"{path} is not a valid manifest ({error}): prepare the dataset again") from error
+
+    def save(self, folder: Path) -> None:
+        _atomic_write_text(Path(folder) / MANIFEST, json.dumps(dataclasses.asdict(self), indent=2))
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(2**20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Writer
+# --------------------------------------------------------------------------------------------
+
+class ShardWriter:
+    """Writes a dataset folder split by split; `finish()` writes the manifest that makes it complete.
+
+        writer = ShardWriter(out, "pamap2", spec, num_classes=12, metric="accuracy")
+        writer.add("train", x, y)          # numpy arrays, any number of calls
+        writer.finish()
+    """
+
+    def __init__(self, folder: Path, name: str, spec: Spec, num_classes: int, metric: str,
+                 label: str = "class", converter: Optional[dict[str, Any]] = None,
+                 shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False, progress: bool = True):
+        if label not in LABEL_KINDS:
+            raise ValueError(f"label is {label!r}; expected one of {LABEL_KINDS}")
+        self.folder = Path(folder)
+        self.manifest = Manifest(name, spec_to_dict(spec), num_classes, metric, label, {}, converter or {})
+        self.columns = self.manifest.columns()
+        self.schema = schema(self.columns)
+        row_bytes = sum(c.size * np.dtype(c.stored.to_pandas_dtype()).itemsize for c in self.columns) + 8
+        self.rows_per_shard = max(1, shard_bytes // row_bytes)
+        self.rows_per_group = max(1, min(self.rows_per_shard, ROW_GROUP_BYTES // row_bytes))
+        self._open: dict[str, tuple[pq.ParquetWriter, Path, int]] = {}
+        self._next_id: dict[str, int] = {}
+        self._prepare_folder(overwrite)
+        self._bar = tqdm(desc=f"{name} -> {self.folder}", unit=" rows", disable=not progress)
+
+    def _prepare_folder(self, overwrite: bool) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        manifest = self.folder / MANIFEST
+        if manifest.exists():
+            if not overwrite:
+                raise FileExistsError(f"{self.folder} already holds a prepared dataset; pass --overwrite to "
+                                      f"replace it, or --verify to check it")
+            manifest.unlink()                      # from here on the folder no longer looks complete
+        for stale in [*self.folder.glob("*.parquet"), *self.folder.glob("*.parquet.tmp")]:
+            stale.unlink()
+
+    def add(self, split: str, x, y: np.ndarray, ids: Optional[np.ndarray] = None) -> None:
+        """Append examples: x is N × shape (a tuple (image, text) for image+text), y their labels."""
+        parts = x if isinstance(x, tuple) else (x,)
+        n = len(y)
+        start = self._next_id.get(split, 0)
+        ids = np.arange(start, start + n) if ids is None else np.asarray(ids)
+        self._next_id[split] = start + n
+        for lo in range(0, n, self.rows_per_group):
+            hi = min(n, lo + self.rows_per_group)
+            arrays = [pa.array(ids[lo:hi], pa.int64())]
+            arrays += [c.encode(p[lo:hi]) for c, p in zip(self.columns, (*parts, y))]
+            self._write(split, pa.Table.from_arrays(arrays, schema=self.schema))
+            self._bar.update(hi - lo)
+
+    def _write(self, split: str, table: pa.Table) -> None:
+        while table.num_rows:
+            if split not in self._open:
+                index = len(self.manifest.splits.get(split, []))
+                tmp = self.folder / f"{split}-{index:05d}.parquet.tmp"
+                self._open[split] = (pq.ParquetWriter(tmp, self.schema), tmp, 0)
+            writer, tmp, rows = self._open[split]
+            take = min(table.num_rows, self.rows_per_shard - rows)
+            writer.write_table(table.slice(0, take), row_group_size=self.rows_per_group)
+            table = table.slice(take)
+            self._open[split] = (writer, tmp, rows + take)
+            if rows + take == self.rows_per_shard:
+                self._close(split)
+
+    def _close(self, split: str) -> None:
+        writer, tmp, rows = self._open.pop(split)
+        writer.close()
+        final = tmp.with_suffix("")                                    # drop .tmp
+        os.replace(tmp, final)
+        self.manifest.splits.setdefault(split, []).append(
+            ShardInfo(final.name, rows, final.stat().st_size, sha256_of(final)))
+        self._bar.set_postfix(shards=sum(len(s) for s in self.manifest.splits.values()))
+
+    def finish(self, normalization: Optional[dict[str, Any]] = None) -> Manifest:
+        for split in list(self._open):
+            self._close(split)
+        self.manifest.normalization = normalization
+        self.manifest.save(self.folder)
+        self._bar.close()
+        return self.manifest
+
+
+# --------------------------------------------------------------------------------------------
+# Checks: cheap ones before training, all of them with --verify
+# --------------------------------------------------------------------------------------------
+
+def check_shards(folder: Path, manifest: Manifest, full: bool = False) -> None:
+    """Raise ShardError naming the file for a missing, truncated or corrupt shard, a schema that is
+    not the manifest's, or a label out of range. Cheap checks read only Parquet footers; `full`
+    also checks every shard's SHA-256 and reads every row."""
+    expected = schema(manifest.columns())
+    label = manifest.columns()[-1]
+    for split, shards in manifest.splits.items():
+        for shard in shards:
+            path = Path(folder) / shard.file
+            if not path.is_file():
+                raise ShardError(f"{path} is missing ({split} split, {shard.rows} rows in the manifest): "
+                                 f"restore it or prepare the dataset again")
+            if path.stat().st_size != shard.bytes:
+                raise ShardError(f"{path} has {path.stat().st_size} bytes, the manifest says {shard.bytes}: "
+                                 f"the file is truncated or was replaced; prepare the dataset again")
+            try:
+                meta = pq.ParquetFile(path)
+            except Exception as error:
+                raise ShardError(f"{path} is not a readable Parquet file ({error})") from error
+            if not meta.schema_arrow.equals(expected):
+                raise ShardError(f"{path} has schema {meta.schema_arrow}, expected {expected}")
+            if meta.metadata.num_rows != shard.rows:
+                raise ShardError(f"{path} has {meta.metadata.num_rows} rows, the manifest says {shard.rows}")
+            if full:
+                if sha256_of(path) != shard.sha256:
+                    raise ShardError(f"{path} does not match its SHA-256 in the manifest: the file is corrupt")
+                _check_labels(path, label.decode(pq.read_table(path, columns=["y"])["y"]), manifest)
+            else:
+                _check_label_statistics(path, meta, manifest)
+
+
+def _check_labels(path: Path, y: np.ndarray, manifest: Manifest) -> None:
+    if manifest.label in ("class", "per_token") and len(y) and (y.min() < 0 or y.max() >= manifest.num_classes):
+        raise ShardError(f"{path} has labels in [{y.min()}, {y.max()}], outside [0, {manifest.num_classes - 1}]")
+
+
+def _check_label_statistics(path: Path, meta: pq.ParquetFile, manifest: Manifest) -> None:
+    """Class labels out of range, from the row groups' min/max statistics (no data read)."""
+    if manifest.label != "class":
+        return
+    index = meta.schema_arrow.get_field_index("y")
+    for g in range(meta.metadata.num_row_groups):
+        stats = meta.metadata.row_group(g).column(index).statistics
+        if stats is not None and stats.has_min_max and (stats.min < 0 or stats.max >= manifest.num_classes):
+            raise ShardError(f"{path} has labels in [{stats.min}, {stats.max}] (row group {g}), outside "
+                             f"[0, {manifest.num_classes - 1}]")
+
+
+def open_dataset(folder: Path) -> Manifest:
+    """The manifest of a prepared folder, after the cheap checks of every shard."""
+    manifest = Manifest.load(folder)
+    check_shards(folder, manifest)
+    return manifest
+
+
+# --------------------------------------------------------------------------------------------
+# A plain local reader (no Ray): for tests, single-process runs and the linear probe
+# --------------------------------------------------------------------------------------------
+
+def decode_table(table: pa.Table, columns: list[Column]):
+    """Arrow rows -> (x, y) numpy: x an array, or (image, text) for image+text."""
+    arrays = [c.decode(table[c.name]) for c in columns]
+    inputs, labels = arrays[:-1], arrays[-1]
+    return (tuple(inputs) if len(inputs) == 2 else inputs[0]), labels
+
+
+def iter_examples(folder: Path, manifest: Manifest, split: str, batch_size: int,
+                  seed: Optional[int] = None, shuffle_buffer: int = 0) -> Iterator[tuple[Any, np.ndarray]]:
+    """One pass over a split in batches of (x, y) numpy arrays, streaming shard by shard.
+
+    With a seed: shards in a seeded random order, and rows drawn from a local shuffle buffer of
+    `shuffle_buffer` rows. Without: file order. The last partial batch is yielded too.
+    """
+    rng = np.random.default_rng(seed) if seed is not None else None
+    shards = manifest.splits[split]
+    order = rng.permutation(len(shards)) if rng is not None else range(len(shards))
+    columns = manifest.columns()
+    buffer: list[tuple[Any, np.ndarray]] = []
+    buffered = 0
+    for i in order:
+        reader = pq.ParquetFile(Path(folder) / shards[i].file)
+        for record_batch in reader.iter_batches(batch_size=batch_size):
+            buffer.append(decode_table(pa.Table.from_batches([record_batch]), columns))
+            buffered += record_batch.num_rows
+            while buffered >= max(shuffle_buffer, batch_size):
+                (x, y), buffer, buffered = _draw(buffer, batch_size, rng)
+                yield x, y
+    while buffered:
+        (x, y), buffer, buffered = _draw(buffer, min(batch_size, buffered), rng)
+        yield x, y
+
+
+def _draw(buffer, n: int, rng):
+    """Take n rows from the buffered batches (at random with an rng) -> (batch, rest, rest size)."""
+    xs = [b[0] for b in buffer]
+    x = tuple(np.concatenate(p) for p in zip(*xs)) if isinstance(xs[0], tuple) else np.concatenate(xs)
+    y = np.concatenate([b[1] for b in buffer])
+    index = rng.permutation(len(y)) if rng is not None else np.arange(len(y))
+    take, keep = index[:n], index[n:]
+    pick = lambda a, i: tuple(p[i] for p in a) if isinstance(a, tuple) else a[i]
+    rest = [(pick(x, keep), y[keep])] if len(keep) else []
+    return (pick(x, take), y[take]), rest, len(keep)
+
+
+class ShardDataset:
+    """A prepared folder, streamed shard by shard: a Dataset that never holds all examples in RAM."""
+
+    def __init__(self, folder: Path, shuffle_buffer: int = 4096):
+        self.folder, self.shuffle_buffer = Path(folder), shuffle_buffer
+        self.manifest = open_dataset(self.folder)
+        self.name, self.spec = self.manifest.name, self.manifest.spec
+
+    def stream(self, split: str, batch_size: int, seed: Optional[int] = None, drop_last: bool = False):
+        if split not in self.manifest.splits:
+            raise KeyError(f"{self.folder} has no {split!r} split; it has {sorted(self.manifest.splits)}")
+        buffer = self.shuffle_buffer if seed is not None else 0
+        for x, y in iter_examples(self.folder, self.manifest, split, batch_size, seed, buffer):
+            if drop_last and len(y) < batch_size:
+                continue
+            yield to_tensors(x), torch.from_numpy(y)
