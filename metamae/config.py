@@ -37,6 +37,10 @@ class DatasetConfig:
     metric: Optional[str] = None
     batch_size: int = 64
     per_token: bool = False            # one label per token (secondary structure)
+    ignore_label: Optional[int] = None # a per-token label the probe leaves out (padding)
+    pretrain_split: str = "train"
+    probe_train_split: str = "train"   # DABS evaluates some datasets on a transfer portion
+    probe_test_split: str = "test"
     source: str = "shards"             # digits | synthetic | shards
     path: Optional[str] = None         # the shard folder, for source=shards
     objective: ObjectiveDefaults = field(default_factory=ObjectiveDefaults)

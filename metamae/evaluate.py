@@ -30,8 +30,7 @@ def run(cfg: EvaluateConfig) -> ProbeResult:
                          f"{cfg.dataset.name!r} has inputs {cfg.dataset.spec()}: evaluate it on a dataset of "
                          f"the same shape")
     model = model_from_checkpoint(checkpoint)
-    result = linear_probe(model, data, cfg.dataset.metric, cfg.dataset.num_classes, cfg.probe,
-                          cfg.dataset.batch_size, cfg.dataset.per_token)
+    result = linear_probe(model, data, cfg.dataset, cfg.probe)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "evaluation.json").write_text(json.dumps(

@@ -7,6 +7,8 @@ epochs by default, as in the paper) and scored with the dataset's metric by scik
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
+from typing import Optional
 
 import numpy as np
 import torch
@@ -15,7 +17,7 @@ import torch.nn.functional as F
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
-from metamae.config import ProbeConfig
+from metamae.config import DatasetConfig, ProbeConfig
 from metamae.data.arrays import Split, batches
 from metamae.model import MetaMAE
 
@@ -28,15 +30,21 @@ class ProbeResult:
 
 
 @torch.no_grad()
-def extract_features(model: MetaMAE, data, split: str, batch_size: int, per_token: bool = False):
-    """Frozen-encoder features of one split -> (N × D or N·L × D, labels flattened to match)."""
+def extract_features(model: MetaMAE, data, split: str, batch_size: int, per_token: bool = False,
+                     ignore_label: Optional[int] = None):
+    """Frozen-encoder features of one split -> (N × D, labels), or per token (N·L × D, N·L labels)
+    without the tokens labelled `ignore_label`."""
     was_training = model.training
     model.eval()
     feats, labels = [], []
     for x, y in data.stream(split, batch_size):
         f = model.features(x, per_token=per_token)                        # B × D or B × L × D
-        feats.append(f.reshape(-1, f.shape[-1]))
-        labels.append(y.reshape(-1) if per_token else y)
+        f, y = f.reshape(-1, f.shape[-1]), (y.reshape(-1) if per_token else y)
+        if ignore_label is not None:
+            keep = y != ignore_label
+            f, y = f[keep], y[keep]
+        feats.append(f)
+        labels.append(y)
     model.train(was_training)
     return torch.cat(feats).float(), torch.cat(labels)
 
@@ -68,14 +76,17 @@ def score(metric: str, out: torch.Tensor, y: torch.Tensor) -> float:
     return float(correlation(out.reshape(-1), y.reshape(-1))[0])
 
 
-def linear_probe(model: MetaMAE, data, metric: str, num_classes: int, cfg: ProbeConfig,
-                 batch_size: int, per_token: bool = False) -> ProbeResult:
-    batch_size = cfg.batch_size or batch_size
-    train_x, train_y = extract_features(model, data, "train", batch_size, per_token)
-    test_x, test_y = extract_features(model, data, "test", batch_size, per_token)
+def linear_probe(model: MetaMAE, data, dataset: DatasetConfig, cfg: ProbeConfig) -> ProbeResult:
+    """Train a linear head on the frozen encoder's features of dataset.probe_train_split; score it on
+    dataset.probe_test_split with the dataset's metric."""
+    metric, batch_size = dataset.metric, cfg.batch_size or dataset.batch_size
+    features = partial(extract_features, model, data, batch_size=batch_size, per_token=dataset.per_token,
+                       ignore_label=dataset.ignore_label)
+    train_x, train_y = features(dataset.probe_train_split)
+    test_x, test_y = features(dataset.probe_test_split)
 
     torch.manual_seed(cfg.seed)
-    head = nn.Linear(train_x.shape[1], head_outputs(metric, num_classes))
+    head = nn.Linear(train_x.shape[1], head_outputs(metric, dataset.num_classes))
     optimizer = torch.optim.Adam(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(cfg.seed)
     features = Split(train_x.numpy(), train_y.numpy())

@@ -23,8 +23,7 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
 
 def probe(model: MetaMAE, data: Dataset, cfg: PretrainConfig) -> ProbeResult:
-    return linear_probe(model, data, cfg.dataset.metric, cfg.dataset.num_classes, cfg.probe,
-                        cfg.dataset.batch_size, cfg.dataset.per_token)
+    return linear_probe(model, data, cfg.dataset, cfg.probe)
 
 
 def random_init_encoder(data: Dataset, cfg: PretrainConfig) -> MetaMAE:

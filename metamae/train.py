@@ -73,7 +73,8 @@ def pretrain(run: RunConfig, data: Dataset, out_dir: Path, log: bool = True) -> 
         return model
 
     writer = SummaryWriter(str(out_dir / "tensorboard"))
-    stream: Iterator = endless_batches(data, run.dataset.batch_size, seed=cfg.seed + step)
+    stream: Iterator = endless_batches(data, run.dataset.pretrain_split, run.dataset.batch_size,
+                                       seed=cfg.seed + step)
     last_log, examples = time.perf_counter(), 0
     try:
         while step < cfg.steps:

@@ -46,8 +46,8 @@ def test_batches_cover_a_split_once_and_shuffle_deterministically():
 def test_a_split_smaller_than_a_batch_is_a_clear_error():
     split = Split(np.zeros((5, 1, 3), np.float32), np.zeros(5, np.int64))
     small = ArrayDataset("small", TabularSpec(features=3), train=split, test=split)
-    with pytest.raises(ValueError, match="fewer examples than one batch"):
-        next(endless_batches(small, 8, seed=0))
+    with pytest.raises(ValueError, match="'train' split of 'small' has fewer examples than one batch"):
+        next(endless_batches(small, "train", 8, seed=0))
 
 
 def test_specs_round_trip_and_name_bad_keys():

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from metamae.config import ProbeConfig
+from metamae.config import DatasetConfig, ProbeConfig
 from metamae.data.synthetic import synthetic
 from metamae.linear_eval import head_outputs, linear_probe, score
 from metamae.model import MetaMAE, ObjectiveConfig
@@ -28,7 +28,8 @@ def test_probe_leaves_the_encoder_frozen_and_learns_synthetic_classes():
     torch.manual_seed(0)
     model = MetaMAE(data.spec, TINY, ObjectiveConfig())
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = linear_probe(model, data, "accuracy", 3, ProbeConfig(epochs=60, lr=1e-2), batch_size=32)
+    dataset = DatasetConfig(name="t", num_classes=3, metric="accuracy", batch_size=32)
+    result = linear_probe(model, data, dataset, ProbeConfig(epochs=60, lr=1e-2))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert result.test > 0.6 and result.metric == "accuracy"
 
@@ -39,5 +40,9 @@ def test_per_token_probe_uses_one_feature_per_token():
     data.test.y = data.test.x % 2
     torch.manual_seed(0)
     model = MetaMAE(data.spec, TINY, ObjectiveConfig())
-    result = linear_probe(model, data, "accuracy", 2, ProbeConfig(epochs=30, lr=1e-2), 16, per_token=True)
+    dataset = DatasetConfig(name="t", num_classes=2, metric="accuracy", batch_size=16, per_token=True)
+    result = linear_probe(model, data, dataset, ProbeConfig(epochs=30, lr=1e-2))
     assert result.test > 0.9                                   # the token's own embedding tells its parity
+    data.train.y[:, -3:] = data.test.y[:, -3:] = 7             # padding, out of the probe's classes
+    padded = DatasetConfig(name="t", num_classes=2, metric="accuracy", batch_size=16, per_token=True, ignore_label=7)
+    assert linear_probe(model, data, padded, ProbeConfig(epochs=30, lr=1e-2)).test > 0.9

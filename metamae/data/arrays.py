@@ -45,6 +45,8 @@ class ArrayDataset:
     def stream(self, split: str, batch_size: int, seed: Optional[int] = None,
                drop_last: bool = False) -> Iterator[tuple[object, torch.Tensor]]:
         """One pass over a split in (inputs, labels) tensor batches; shuffled when seeded."""
+        if split not in ("train", "test"):
+            raise KeyError(f"{self.name!r} has splits 'train' and 'test', not {split!r}")
         rng = np.random.default_rng(seed) if seed is not None else None
         return batches(getattr(self, split), batch_size, rng, drop_last)
 
@@ -65,15 +67,15 @@ def batches(split: Split, batch_size: int, rng: Optional[np.random.Generator] = 
         yield to_tensors(part.x), torch.from_numpy(part.y)
 
 
-def endless_batches(dataset: Dataset, batch_size: int, seed: int) -> Iterator[tuple[object, torch.Tensor]]:
-    """Full training batches, epoch after epoch; epoch e is shuffled with seed + e."""
+def endless_batches(dataset: Dataset, split: str, batch_size: int, seed: int) -> Iterator[tuple[object, torch.Tensor]]:
+    """Full batches of a split, epoch after epoch; epoch e is shuffled with seed + e."""
     epoch = 0
     while True:
         empty = True
-        for batch in dataset.stream("train", batch_size, seed=seed + epoch, drop_last=True):
+        for batch in dataset.stream(split, batch_size, seed=seed + epoch, drop_last=True):
             empty = False
             yield batch
         if empty:
-            raise ValueError(f"the training split of {dataset.name!r} has fewer examples than one batch of "
+            raise ValueError(f"the {split!r} split of {dataset.name!r} has fewer examples than one batch of "
                              f"{batch_size}: lower dataset.batch_size")
         epoch += 1

@@ -78,15 +78,15 @@ def run(args: argparse.Namespace) -> None:
     elif args.dataset == "custom":
         prepare_custom(args, shard_bytes)
     else:
-        module = converter(args.dataset)
+        chosen = converter(args.dataset)
         if complete and not args.overwrite:
             sys.exit(f"{args.out} already holds a prepared dataset; pass --overwrite to convert again, "
                      f"or --verify to check it")
-        if args.raw is None and module.SOURCES:
+        if args.raw is None and chosen.needs_raw:
             sys.exit(f"{args.dataset}: --raw DIR is required (the folder with the publisher's files)")
         if args.download:
-            download.fetch(module.SOURCES, args.raw)
-        module.convert(args.raw, args.out, shard_bytes=shard_bytes, overwrite=args.overwrite)
+            download.fetch(chosen.sources, args.raw)
+        chosen.convert(args.raw, args.out, shard_bytes=shard_bytes, overwrite=args.overwrite)
     if args.verify or args.dataset == "verify":
         manifest = Manifest.load(args.out)
         check_shards(args.out, manifest, full=True)

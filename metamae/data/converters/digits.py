@@ -4,7 +4,8 @@ from pathlib import Path
 from metamae.data.digits import digits
 from metamae.data.shards import DEFAULT_SHARD_BYTES, Manifest, ShardWriter
 
-SOURCES = []          # bundled with scikit-learn
+SOURCES = []
+NEEDS_RAW = False     # bundled with scikit-learn
 
 
 def convert(raw: Path = None, out: Path = Path("data/digits"), shard_bytes: int = DEFAULT_SHARD_BYTES,

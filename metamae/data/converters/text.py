@@ -12,6 +12,7 @@ split's own text and written next to the shards as `vocab.json`, so nothing is d
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections import Counter
@@ -64,14 +65,23 @@ class Vocab:
         ids = [CLS] + [i for part in parts for i in (*part, SEP)]
         return np.array(ids + [PAD] * (length - len(ids)), dtype=np.int64)     # (length,)
 
+    def dumps(self) -> str:
+        """vocab.json: {token: id}."""
+        return json.dumps(self.ids, ensure_ascii=False, indent=0)
+
     def save(self, folder: Path) -> Path:
         path = Path(folder) / VOCAB_FILE
-        path.write_text(json.dumps(self.ids, ensure_ascii=False, indent=0))
+        path.write_text(self.dumps(), encoding="utf-8")
         return path
+
+    def describe(self) -> dict:
+        """What a converter records in its manifest about the text."""
+        return {"vocab": VOCAB_FILE, "vocab_size": len(self), "vocab_sha256": hashlib.sha256(
+            self.dumps().encode("utf-8")).hexdigest(), "tokenizer": TOKENIZER, "seq_len": SEQ_LEN}
 
     @classmethod
     def load(cls, folder: Path) -> "Vocab":
-        ids = json.loads((Path(folder) / VOCAB_FILE).read_text())
+        ids = json.loads((Path(folder) / VOCAB_FILE).read_text(encoding="utf-8"))
         tokens = sorted(ids, key=ids.get)
         if [ids[t] for t in tokens] != list(range(len(tokens))):
             raise ValueError(f"{Path(folder) / VOCAB_FILE}: ids are not 0..{len(tokens) - 1}")

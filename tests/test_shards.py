@@ -1,0 +1,172 @@
+"""The shard format: round trips, crash-safe writing, and a clear error for every bad shard."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from metamae.data.converters import custom
+from metamae.data.shards import (MANIFEST, Manifest, ShardDataset, ShardError, ShardWriter, check_shards,
+                                 iter_examples, open_dataset)
+from metamae.data.synthetic import synthetic
+from tests.conftest import SPECS
+
+
+def write(folder, data, num_classes=3, shard_bytes=20_000, **kwargs):
+    writer = ShardWriter(folder, data.name, data.spec, num_classes, "accuracy", shard_bytes=shard_bytes,
+                         progress=False, **kwargs)
+    writer.add("train", data.train.x, data.train.y)
+    writer.add("test", data.test.x, data.test.y)
+    return writer.finish()
+
+
+def test_every_modality_round_trips_through_shards(tmp_path, kind):
+    data = synthetic(SPECS[kind], num_classes=3, train=100, test=30)
+    manifest = write(tmp_path, data)
+    assert manifest.rows("train") == 100 and manifest.rows("test") == 30
+    check_shards(tmp_path, Manifest.load(tmp_path), full=True)
+    x, y = next(iter_examples(tmp_path, manifest, "train", batch_size=100))
+    assert np.array_equal(y, data.train.y)
+    for got, want in zip(x if isinstance(x, tuple) else (x,), data.train.x if isinstance(x, tuple) else (data.train.x,)):
+        assert got.dtype == want.dtype and np.array_equal(got, want)
+
+
+def test_shards_and_row_groups_follow_the_target_size(tmp_path):
+    data = synthetic(SPECS["image"], train=200, test=10)     # 2 × 8 × 8 float32 = 512 bytes a row
+    manifest = write(tmp_path, data, shard_bytes=30_000)
+    sizes = [s.rows for s in manifest.splits["train"]]
+    assert len(sizes) == 4 and sum(sizes) == 200 and max(sizes) <= 30_000 // 512
+    assert all(s.bytes == (tmp_path / s.file).stat().st_size for s in manifest.splits["train"])
+
+
+def test_an_unfinished_conversion_never_looks_complete_and_is_cleared_on_rerun(tmp_path):
+    data = synthetic(SPECS["tabular"], train=100, test=20)
+    crashed = ShardWriter(tmp_path, "t", data.spec, 3, "accuracy", shard_bytes=1000, progress=False)
+    crashed.add("train", data.train.x, data.train.y)          # no finish(): as if the process died
+    assert not (tmp_path / MANIFEST).exists() and list(tmp_path.glob("*.parquet"))
+    with pytest.raises(FileNotFoundError, match="did not finish"):
+        ShardDataset(tmp_path)
+    manifest = write(tmp_path, data, shard_bytes=4000)
+    on_disk = sorted(p.name for p in tmp_path.glob("*.parquet*"))
+    assert on_disk == sorted(s.file for split in manifest.splits.values() for s in split)
+
+
+def test_a_complete_dataset_is_kept_unless_overwritten(tmp_path):
+    data = synthetic(SPECS["tabular"], train=50, test=10)
+    write(tmp_path, data)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        write(tmp_path, data)
+    smaller = synthetic(SPECS["tabular"], train=20, test=10)
+    assert write(tmp_path, smaller, overwrite=True).rows("train") == 20
+    assert Manifest.load(tmp_path).rows("train") == 20
+
+
+@pytest.fixture
+def prepared(tmp_path):
+    write(tmp_path, synthetic(SPECS["tabular"], num_classes=3, train=100, test=30), shard_bytes=2000)
+    return tmp_path
+
+
+def first_shard(folder):
+    return folder / Manifest.load(folder).splits["train"][0].file
+
+
+def test_a_missing_shard_is_named(prepared):
+    first_shard(prepared).unlink()
+    with pytest.raises(ShardError, match=r"train-00000\.parquet is missing"):
+        open_dataset(prepared)
+
+
+def test_a_truncated_shard_is_named(prepared):
+    path = first_shard(prepared)
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ShardError, match=r"train-00000\.parquet has \d+ bytes, the manifest says"):
+        open_dataset(prepared)
+
+
+def test_a_corrupt_shard_of_the_right_size_fails_its_checksum(prepared):
+    path = first_shard(prepared)
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ShardError, match="SHA-256"):
+        check_shards(prepared, Manifest.load(prepared), full=True)
+
+
+def test_a_shard_with_another_shape_is_refused(prepared):
+    path = first_shard(prepared)
+    table = pq.read_table(path)
+    wider = pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(table.num_rows * 8, np.float32)), 8)
+    pq.write_table(table.set_column(1, "x", wider), path)
+    manifest = json.loads((prepared / MANIFEST).read_text())
+    manifest["splits"]["train"][0]["bytes"] = path.stat().st_size
+    (prepared / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match="has schema"):
+        open_dataset(prepared)
+
+
+def test_labels_out_of_range_are_found_before_training(prepared):
+    manifest = json.loads((prepared / MANIFEST).read_text())
+    manifest["num_classes"] = 2                                # the shards hold labels 0, 1 and 2
+    (prepared / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match=r"labels in \[0, 2\].*outside \[0, 1\]"):
+        open_dataset(prepared)
+
+
+def test_a_bad_manifest_is_named(prepared):
+    (prepared / MANIFEST).write_text("{not json")
+    with pytest.raises(ShardError, match="not a valid manifest"):
+        Manifest.load(prepared)
+
+
+def test_the_local_reader_shuffles_deterministically_and_covers_every_row(prepared):
+    dataset = ShardDataset(prepared, shuffle_buffer=32)
+    order = lambda seed: np.concatenate([y.numpy() for _, y in dataset.stream("train", 16, seed=seed)])
+    ids_in_file_order = np.concatenate([y.numpy() for _, y in dataset.stream("train", 16)])
+    assert np.array_equal(order(1), order(1)) and not np.array_equal(order(1), order(2))
+    assert sorted(order(1).tolist()) == sorted(ids_in_file_order.tolist())
+    assert not np.array_equal(order(1), ids_in_file_order)
+    assert all(len(y) == 16 for _, y in dataset.stream("train", 16, seed=0, drop_last=True))
+
+
+def test_custom_arrays_get_a_sensible_checked_patch(tmp_path):
+    assert custom.default_patch((320,)) == 5 and custom.default_patch((32, 32)) == 4
+    x = np.random.default_rng(0).standard_normal((40, 3, 30)).astype(np.float32)
+    with pytest.raises(ValueError, match="patch 7 does not divide length 30"):
+        custom.convert_arrays(x, np.arange(40) % 2, "timeseries", tmp_path, patch=7)
+    with pytest.raises(ValueError, match="takes 4 dimensions"):
+        custom.convert_arrays(x, np.arange(40) % 2, "image", tmp_path)
+
+
+def prepare(*args):
+    return subprocess.run([sys.executable, "-m", "metamae.data.prepare", *map(str, args)], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_prepare_custom_npz_csv_and_npy_folders(tmp_path):
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 7, size=(50, 12))
+    np.savez(tmp_path / "tokens.npz", X=tokens, y=np.arange(50) % 5, train_idx=np.arange(40), test_idx=np.arange(40, 50))
+    run = prepare("custom", "--npz", tmp_path / "tokens.npz", "--modality", "tokens", "--out", tmp_path / "tok", "--verify")
+    assert run.returncode == 0, run.stderr
+    manifest = Manifest.load(tmp_path / "tok")
+    assert manifest.spec == SPECS["tokens"].__class__(vocab=7, length=12)
+    assert manifest.rows("train") == 40 and manifest.num_classes == 5
+
+    (tmp_path / "table.csv").write_text("a,b,label\n" + "".join(f"{i},{2 * i},{i % 2}\n" for i in range(30)))
+    run = prepare("custom", "--csv", tmp_path / "table.csv", "--out", tmp_path / "tab")
+    assert run.returncode == 0, run.stderr
+    assert Manifest.load(tmp_path / "tab").input == {"kind": "tabular", "features": 2}
+    assert Manifest.load(tmp_path / "tab").rows("test") == 6                 # stratified 80/20
+
+    (tmp_path / "npy").mkdir()
+    np.save(tmp_path / "npy" / "X.npy", rng.standard_normal((20, 1, 8, 8)).astype(np.float32))
+    np.save(tmp_path / "npy" / "y.npy", np.arange(20) % 2)
+    run = prepare("custom", "--npy-dir", tmp_path / "npy", "--modality", "image", "--patch", "3", "--out", tmp_path / "img")
+    assert run.returncode != 0 and "patch 3 does not divide height 8" in run.stderr
+
+    run = prepare("verify", "--out", tmp_path / "nothing")
+    assert run.returncode != 0 and "manifest.json does not exist" in run.stderr
