@@ -10,7 +10,7 @@ import pytest
 
 from metamae.data.converters import custom
 from metamae.data.shards import (MANIFEST, Manifest, ShardDataset, ShardError, ShardWriter, check_shards,
-                                 iter_examples, open_dataset)
+                                 iter_examples, open_dataset, sha256_of)
 from metamae.data.synthetic import synthetic
 from tests.conftest import SPECS
 
@@ -96,16 +96,31 @@ def test_a_corrupt_shard_of_the_right_size_fails_its_checksum(prepared):
         check_shards(prepared, Manifest.load(prepared), full=True)
 
 
-def test_a_shard_with_another_shape_is_refused(prepared):
-    path = first_shard(prepared)
+def rewrite_first_shard(folder, column: str, values: pa.Array):
+    """Replace a column of the first train shard, keeping the manifest's size and checksum in step
+    (as a converter that wrote the wrong thing would)."""
+    path = first_shard(folder)
     table = pq.read_table(path)
-    wider = pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(table.num_rows * 8, np.float32)), 8)
-    pq.write_table(table.set_column(1, "x", wider), path)
-    manifest = json.loads((prepared / MANIFEST).read_text())
-    manifest["splits"]["train"][0]["bytes"] = path.stat().st_size
-    (prepared / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(ShardError, match="has schema"):
+    pq.write_table(table.set_column(table.schema.get_field_index(column), column, values), path)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["splits"]["train"][0].update(bytes=path.stat().st_size, sha256=sha256_of(path))
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    return path, table.num_rows
+
+
+def test_a_shard_with_another_column_type_is_refused(prepared):
+    rows = pq.ParquetFile(first_shard(prepared)).metadata.num_rows
+    path, _ = rewrite_first_shard(prepared, "x", pa.array(np.zeros(rows * 7, np.float32).reshape(rows, 7).tolist()))
+    with pytest.raises(ShardError, match=f"{path.name} has schema"):
         open_dataset(prepared)
+
+
+def test_a_shard_with_another_example_shape_is_refused(prepared):
+    rows = pq.ParquetFile(first_shard(prepared)).metadata.num_rows
+    wrong = [np.zeros(8, np.float32).tobytes()] * rows               # 8 features, the manifest says 7
+    path, _ = rewrite_first_shard(prepared, "x", pa.array(wrong, pa.binary()))
+    with pytest.raises(ShardError, match=rf"{path.name}: column 'x' holds rows of \[32\] bytes; its shape \(1, 7\)"):
+        check_shards(prepared, Manifest.load(prepared), full=True)
 
 
 def test_labels_out_of_range_are_found_before_training(prepared):
