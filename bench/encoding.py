@@ -3,7 +3,8 @@
 Writes the same PAMAP2-shaped float32 examples (N × 52 × 320) to Parquet three ways and reads
 them back into one N × 52 × 320 numpy array:
   - fixed_size_list: FixedSizeList<float32>[C·L], decoded by flattening the column;
-  - binary:          one bytes value per example, decoded with numpy.frombuffer over the buffer;
+  - binary:          one bytes value per example, decoded with numpy.frombuffer over the buffer
+                     (metamae.data.shards.Column, what the shards use);
   - tensor:          Arrow's FixedShapeTensorType extension type, decoded by to_numpy_ndarray().
 Prints JSON: write and read+decode MB/s, file size, per encoding (median of 5 reads).
 
@@ -20,7 +21,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from metamae.data.shards import Column
+
 SHAPE = (52, 320)
+COLUMN = Column("x", SHAPE, "float32")          # the library's encoding, measured as it runs
 
 
 def encode(kind: str, x: np.ndarray) -> pa.Array:
@@ -28,7 +32,7 @@ def encode(kind: str, x: np.ndarray) -> pa.Array:
     if kind == "fixed_size_list":
         return pa.FixedSizeListArray.from_arrays(flat, int(np.prod(SHAPE)))
     if kind == "binary":
-        return pa.array([row.tobytes() for row in x], type=pa.binary())
+        return COLUMN.encode(x)
     storage = pa.FixedSizeListArray.from_arrays(flat, int(np.prod(SHAPE)))
     return pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(pa.float32(), SHAPE), storage)
 
@@ -37,10 +41,8 @@ def decode(kind: str, column: pa.ChunkedArray) -> np.ndarray:
     column = column.combine_chunks()
     if kind == "fixed_size_list":
         return column.flatten().to_numpy().reshape(-1, *SHAPE)
-    if kind == "binary":                                      # rows back to back in one buffer
-        offsets = np.frombuffer(column.buffers()[1], dtype=np.int32)[column.offset:column.offset + len(column) + 1]
-        values = np.frombuffer(column.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]]
-        return values.view(np.float32).reshape(-1, *SHAPE)
+    if kind == "binary":
+        return COLUMN.decode(column)
     return column.to_numpy_ndarray()
 
 
@@ -64,7 +66,8 @@ def main():
                 reads.append(time.perf_counter() - start)
             assert np.array_equal(decoded, x), kind
             report["encodings"][kind] = {
-                "write_mb_per_s": round(megabytes / write_s), "read_decode_mb_per_s": round(megabytes / statistics.median(reads)),
+                "write_mb_per_s": round(megabytes / write_s),
+                "read_decode_mb_per_s": round(megabytes / statistics.median(reads)),
                 "file_mb": round(path.stat().st_size / 2**20, 1)}
     print(json.dumps(report, indent=2))
 

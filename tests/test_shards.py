@@ -30,7 +30,8 @@ def test_every_modality_round_trips_through_shards(tmp_path, kind):
     check_shards(tmp_path, Manifest.load(tmp_path), full=True)
     x, y = next(iter_examples(tmp_path, manifest, "train", batch_size=100))
     assert np.array_equal(y, data.train.y)
-    for got, want in zip(x if isinstance(x, tuple) else (x,), data.train.x if isinstance(x, tuple) else (data.train.x,)):
+    parts = lambda inputs: inputs if isinstance(inputs, tuple) else (inputs,)
+    for got, want in zip(parts(x), parts(data.train.x)):
         assert got.dtype == want.dtype and np.array_equal(got, want)
 
 
@@ -164,8 +165,10 @@ def prepare(*args):
 def test_prepare_custom_npz_csv_and_npy_folders(tmp_path):
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 7, size=(50, 12))
-    np.savez(tmp_path / "tokens.npz", X=tokens, y=np.arange(50) % 5, train_idx=np.arange(40), test_idx=np.arange(40, 50))
-    run = prepare("custom", "--npz", tmp_path / "tokens.npz", "--modality", "tokens", "--out", tmp_path / "tok", "--verify")
+    np.savez(tmp_path / "tokens.npz", X=tokens, y=np.arange(50) % 5, train_idx=np.arange(40),
+             test_idx=np.arange(40, 50))
+    run = prepare("custom", "--npz", tmp_path / "tokens.npz", "--modality", "tokens", "--out", tmp_path / "tok",
+                  "--verify")
     assert run.returncode == 0, run.stderr
     manifest = Manifest.load(tmp_path / "tok")
     assert manifest.spec == SPECS["tokens"].__class__(vocab=7, length=12)
@@ -180,7 +183,8 @@ def test_prepare_custom_npz_csv_and_npy_folders(tmp_path):
     (tmp_path / "npy").mkdir()
     np.save(tmp_path / "npy" / "X.npy", rng.standard_normal((20, 1, 8, 8)).astype(np.float32))
     np.save(tmp_path / "npy" / "y.npy", np.arange(20) % 2)
-    run = prepare("custom", "--npy-dir", tmp_path / "npy", "--modality", "image", "--patch", "3", "--out", tmp_path / "img")
+    run = prepare("custom", "--npy-dir", tmp_path / "npy", "--modality", "image", "--patch", "3",
+                  "--out", tmp_path / "img")
     assert run.returncode != 0 and "patch 3 does not divide height 8" in run.stderr
 
     run = prepare("verify", "--out", tmp_path / "nothing")

@@ -100,10 +100,13 @@ def test_pretrain_and_evaluate_commands(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results) == {"metamae", "mae", "random_init"}
     assert "random_init" in run.stdout and "mae" in run.stdout
-    evaluation = cli("metamae.evaluate", f"checkpoint={tmp_path / 'metamae'}", "dataset=digits", "probe.epochs=2",
-                     f"out_dir={tmp_path / 'eval'}")
+    shards = cli("metamae.data.prepare", "digits", "--out", str(tmp_path / "shards"))     # the same digits, as shards
+    assert shards.returncode == 0, shards.stderr
+    evaluation = cli("metamae.evaluate", f"checkpoint={tmp_path / 'metamae'}", "dataset=custom",
+                     f"dataset.path={tmp_path / 'shards'}", "probe.epochs=2", f"out_dir={tmp_path / 'eval'}")
     assert evaluation.returncode == 0, evaluation.stderr
-    assert json.loads((tmp_path / "eval" / "evaluation.json").read_text())["step"] == 20
+    evaluated = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    assert evaluated["step"] == 20 and evaluated["test"] == pytest.approx(results["metamae"]["test"])
 
 
 @pytest.mark.parametrize("override, message", [

@@ -43,6 +43,18 @@ def fetch(sources: list[Source], raw: Path) -> None:
         os.replace(partial, target)
 
 
+def raw_path(raw: Path, relative: str, source: Source, dataset: str) -> Path:
+    """RAW/relative, unpacking `source`'s archive into RAW first when only the archive is there; a
+    missing file is an error saying what to download."""
+    path, archive = raw / relative, raw / source.filename
+    if not path.exists() and archive.is_file():
+        unpack(archive, raw)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: download {source.url} into {raw} (it is unpacked there), "
+                                f"or run `python -m metamae.data.prepare {dataset} --raw {raw} --download`")
+    return path
+
+
 def unpack(archive: Path, into: Path) -> None:
     """Unpack a .zip/.tar.gz once (a marker file records that it was unpacked)."""
     marker = into / f".unpacked-{archive.name}"

@@ -91,7 +91,8 @@ def run(args: argparse.Namespace) -> None:
         manifest = Manifest.load(args.out)
         check_shards(args.out, manifest, full=True)
         print(f"{args.out}: {manifest.name} verified, "
-              + ", ".join(f"{split} {manifest.rows(split)} rows in {len(s)} shards" for split, s in manifest.splits.items()))
+              + ", ".join(f"{split} {manifest.rows(split)} rows in {len(shards)} shards"
+                          for split, shards in manifest.splits.items()))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import numpy as np
 import scipy.sparse
 import soundfile
 
-from metamae.data.download import Source, unpack
+from metamae.data.download import Source, raw_path
 from metamae.data.shards import DEFAULT_SHARD_BYTES, Manifest, ShardWriter
 from metamae.modality import ImageSpec
 
@@ -113,17 +113,6 @@ def fit_length(wave: np.ndarray) -> np.ndarray:
 # Raw files
 # --------------------------------------------------------------------------------------------
 
-def subset_folder(raw: Path) -> Path:
-    folder = raw / SUBSET
-    archive = raw / SOURCES[0].filename
-    if not folder.is_dir() and archive.is_file():
-        unpack(archive, raw)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is missing: download {SOURCES[0].url} into {raw} (it is unpacked "
-                                f"there), or run `python -m metamae.data.prepare librispeech --raw {raw} --download`")
-    return folder
-
-
 def utterances(folder: Path) -> tuple[list[Path], np.ndarray]:
     """SPEAKER/CHAPTER/*.flac sorted by utterance id (SPEAKER-CHAPTER-UTTERANCE, as strings), and
     each one's speaker id."""
@@ -173,7 +162,7 @@ def split_indices(speakers: np.ndarray) -> dict[str, np.ndarray]:
 def convert(raw: Path, out: Path = Path("data/librispeech"), shard_bytes: int = DEFAULT_SHARD_BYTES,
             overwrite: bool = False) -> Manifest:
     raw = Path(raw)
-    paths, speakers = utterances(subset_folder(raw))
+    paths, speakers = utterances(raw_path(raw, SUBSET, SOURCES[0], "librispeech"))
     speaker_ids = sorted(set(speakers.tolist()))
     labels = np.searchsorted(speaker_ids, speakers)                             # speaker id -> 0..39
     params = {

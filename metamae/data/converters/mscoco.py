@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from metamae.data.converters.text import SEQ_LEN, VOCAB_SIZE, Vocab
-from metamae.data.download import Source, unpack
+from metamae.data.download import Source, raw_path
 from metamae.data.shards import DEFAULT_SHARD_BYTES, Manifest, ShardWriter
 from metamae.modality import ImageSpec, ImageTextSpec, TokenSpec
 
@@ -60,18 +60,6 @@ class Example(NamedTuple):
 # --------------------------------------------------------------------------------------------
 # Raw files (shared with VQA)
 # --------------------------------------------------------------------------------------------
-
-def raw_file(raw: Path, relative: str, source: Source, dataset: str) -> Path:
-    """RAW/relative, unpacking `source`'s archive into RAW first when only the archive is there."""
-    path = raw / relative
-    archive = raw / source.filename
-    if not path.exists() and archive.is_file():
-        unpack(archive, raw)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: download {source.url} into {raw} (it is unpacked there), "
-                                f"or run `python -m metamae.data.prepare {dataset} --raw {raw} --download`")
-    return path
-
 
 def read_json(path: Path) -> dict:
     try:
@@ -137,9 +125,9 @@ def captions(path: Path) -> dict[int, str]:
 
 
 def coco_examples(raw: Path, subset: str) -> tuple[list[Example], list[dict]]:
-    labels, files, categories = instances(raw_file(raw, f"annotations/instances_{subset}.json", ANNOTATIONS, "mscoco"))
-    text = captions(raw_file(raw, f"annotations/captions_{subset}.json", ANNOTATIONS, "mscoco"))
-    folder = raw_file(raw, subset, IMAGES[subset], "mscoco")
+    labels, files, categories = instances(raw_path(raw, f"annotations/instances_{subset}.json", ANNOTATIONS, "mscoco"))
+    text = captions(raw_path(raw, f"annotations/captions_{subset}.json", ANNOTATIONS, "mscoco"))
+    folder = raw_path(raw, subset, IMAGES[subset], "mscoco")
     examples = [Example(i, folder / files[i], (caption,), labels[i]) for i, caption in text.items() if i in labels]
     return examples, categories
 

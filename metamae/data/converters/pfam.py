@@ -51,7 +51,7 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 from tqdm import tqdm
 
-from metamae.data.download import Source, unpack
+from metamae.data.download import Source, raw_path
 from metamae.data.shards import DEFAULT_SHARD_BYTES, MANIFEST, Manifest, ShardWriter
 from metamae.modality import TokenSpec
 
@@ -105,7 +105,9 @@ def convert(raw: Path, out: Path = Path("data/pfam"), shard_bytes: int = DEFAULT
         raise ValueError(f"task is {task!r}; expected one of {sorted(TASKS)}")
     spec = TASKS[task]
     raw, out = Path(raw), Path(out)
-    train_json, test_json = (_raw_file(raw, spec.folder, name) for name in (spec.train, spec.test))
+    source = TASK_SOURCES[task][0]
+    train_json, test_json = (raw_path(raw, f"{spec.folder}/{name}", source, task)
+                             for name in (spec.train, spec.test))
     if (out / MANIFEST).exists() and not overwrite:
         raise FileExistsError(f"{out} already holds a prepared dataset; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -176,17 +178,6 @@ def _convert_transfer(train_json: Path, test_json: Path, out: Path, scratch: Pat
 # --------------------------------------------------------------------------------------------
 # Raw files, records, tokens
 # --------------------------------------------------------------------------------------------
-
-def _raw_file(raw: Path, folder: str, name: str) -> Path:
-    """raw/<folder>/<name>, unpacking raw/<folder>.tar.gz first if only the archive is there."""
-    path, archive = raw / folder / name, raw / f"{folder}.tar.gz"
-    if not path.is_file() and archive.is_file():
-        unpack(archive, raw)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: download TAPE's raw JSON archive {URL.format(folder)} "
-                                f"into {raw} (it unpacks to {folder}/{name}), e.g. with prepare --download")
-    return path
-
 
 def _records(path: Path) -> Iterator[dict]:
     """The records of a JSON list file, `[{...}, {...}, ...]`, decoded one at a time."""

@@ -26,9 +26,9 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from metamae.data.converters.mscoco import COCO, IMAGE, SPEC, Example, raw_file, read_json, write_split
+from metamae.data.converters.mscoco import COCO, IMAGE, SPEC, Example, read_json, write_split
 from metamae.data.converters.text import Vocab
-from metamae.data.download import Source
+from metamae.data.download import Source, raw_path
 from metamae.data.shards import DEFAULT_SHARD_BYTES, Manifest, ShardWriter
 
 VQA_V1 = "https://s3.amazonaws.com/cvmlp/vqa/mscoco/vqa"
@@ -54,9 +54,9 @@ def questions(path: Path) -> dict[int, tuple[str, list[str]]]:
 
 
 def vqa_examples(raw: Path, subset: str) -> list[Example]:
-    asked = questions(raw_file(raw, f"MultipleChoice_mscoco_{subset}_questions.json", QUESTIONS[subset], "vqa"))
-    path = raw_file(raw, f"mscoco_{subset}_annotations.json", ANSWERS[subset], "vqa")
-    folder = raw_file(raw, subset, IMAGES[subset], "vqa")
+    asked = questions(raw_path(raw, f"MultipleChoice_mscoco_{subset}_questions.json", QUESTIONS[subset], "vqa"))
+    path = raw_path(raw, f"mscoco_{subset}_annotations.json", ANSWERS[subset], "vqa")
+    folder = raw_path(raw, subset, IMAGES[subset], "vqa")
     rng = random.Random(SWAP_SEED)
     examples = []
     try:
