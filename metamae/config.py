@@ -7,6 +7,7 @@ dataclasses live beside the math they configure (metamae.model).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -15,6 +16,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from metamae.model import ModelConfig, ObjectiveConfig
 from metamae.modality import Spec, spec_from_dict
 
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 METRICS = ("accuracy", "binary_accuracy", "weighted_f1", "auroc", "spearman", "pearson")
 SOURCES = ("digits", "synthetic", "shards")
 

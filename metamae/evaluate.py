@@ -12,13 +12,10 @@ import hydra
 from omegaconf import DictConfig
 
 from metamae.checkpoint import load_checkpoint, model_from_checkpoint
-from metamae.config import EvaluateConfig, register, to_object
+from metamae.config import CONFIG_DIR, EvaluateConfig, register, to_object
 from metamae.data import load_dataset
 from metamae.linear_eval import ProbeResult, linear_probe
 from metamae.modality import spec_from_dict
-
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
-
 
 def run(cfg: EvaluateConfig) -> ProbeResult:
     checkpoint = load_checkpoint(Path(cfg.checkpoint))

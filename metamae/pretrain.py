@@ -13,17 +13,11 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from metamae.config import PretrainConfig, register, to_object
+from metamae.config import CONFIG_DIR, PretrainConfig, register, to_object
 from metamae.data import Dataset, load_dataset
 from metamae.linear_eval import ProbeResult, linear_probe
 from metamae.model import MetaMAE
 from metamae.train import RunConfig, pretrain
-
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
-
-
-def probe(model: MetaMAE, data: Dataset, cfg: PretrainConfig) -> ProbeResult:
-    return linear_probe(model, data, cfg.dataset, cfg.probe)
 
 
 def random_init_encoder(data: Dataset, cfg: PretrainConfig) -> MetaMAE:
@@ -41,9 +35,9 @@ def run(cfg: PretrainConfig) -> dict[str, ProbeResult]:
     for method in methods:
         objective = dataclasses.replace(cfg.objective, method=method)
         model = pretrain(RunConfig(cfg.dataset, cfg.model, objective, cfg.train), data, out_dir / method)
-        results[method] = probe(model, data, cfg)
+        results[method] = linear_probe(model, data, cfg.dataset, cfg.probe)
     if cfg.baselines:
-        results["random_init"] = probe(random_init_encoder(data, cfg), data, cfg)
+        results["random_init"] = linear_probe(random_init_encoder(data, cfg), data, cfg.dataset, cfg.probe)
 
     (out_dir / "results.json").write_text(json.dumps(
         {name: dataclasses.asdict(r) for name, r in results.items()}, indent=2))
