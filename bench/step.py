@@ -65,6 +65,13 @@ def proc_status_mb(field: str) -> float:
     raise KeyError(field)
 
 
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
 def cpu_seconds() -> tuple[float, float, float]:
     """(wall clock, busy CPU seconds of the whole machine, CPU seconds of this process)."""
     jiffies = [int(v) for v in Path("/proc/stat").read_text().split()[1:9]]   # user .. steal
@@ -129,7 +136,7 @@ def measure_config(shape: str, method: str, batch: int, steps: int) -> dict:
 def measure_in_subprocess(shape: str, method: str, batch: int, steps: int) -> dict:
     command = [sys.executable, __file__, "--config", f"{shape}:{method}",
                "--batch", str(batch), "--steps", str(steps)]
-    return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+    return json.loads(subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout)
 
 
 def ratios(results: dict) -> dict:
@@ -165,11 +172,12 @@ def main() -> None:
         print(json.dumps(measure_config(*args.config.split(":"), args.batch, args.steps)))
         return
     matmul = matmul_baseline(args.steps)
-    report = {"setup": {"torch": torch.__version__, "threads": THREADS, "machine": platform.processor()
-                        or platform.machine(), "batch": args.batch, "warmup": WARMUP, "steps": args.steps},
-              "matmul_2048": matmul, "shapes": {}}
+    setup = {"torch": torch.__version__, "threads": THREADS, "cpu": cpu_model(), "cpus": os.cpu_count(),
+             "batch": args.batch, "warmup": WARMUP, "steps": args.steps}
+    report = {"setup": setup, "matmul_2048": matmul, "shapes": {}}
     for shape in args.shapes.split(","):
-        results = {m: measure_in_subprocess(shape, m, args.batch, args.steps) for m in args.methods.split(",")}
+        results = {method: measure_in_subprocess(shape, method, args.batch, args.steps)
+                   for method in args.methods.split(",")}
         for r in results.values():
             r["fraction_of_matmul"] = r["gflop_per_s"] / matmul["gflop_per_s"]
         report["shapes"][shape] = {"methods": results, "ratios": ratios(results)}
