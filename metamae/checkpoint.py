@@ -20,13 +20,14 @@ FILENAME = "checkpoint.pt"
 
 
 def save_checkpoint(path: Path, model: MetaMAE, optimizer: Optional[torch.optim.Optimizer], step: int,
-                    config: dict[str, Any]) -> Path:
-    """`config` holds plain values: {'dataset': {...}, 'model': {...}, 'objective': {...}, ...}."""
+                    config: dict[str, Any], **extra: Any) -> Path:
+    """`config` holds plain values: {'dataset': {...}, 'model': {...}, 'objective': {...}, ...};
+    `extra` plain values a trainer needs to resume (the best probe so far, ...)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"model": model.state_dict(), "step": step, "config": config, "version": __version__,
                "optimizer": optimizer.state_dict() if optimizer is not None else None,
-               "torch_rng": torch.get_rng_state()}
+               "torch_rng": torch.get_rng_state(), **extra}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -38,10 +39,17 @@ def save_checkpoint(path: Path, model: MetaMAE, optimizer: Optional[torch.optim.
     return path
 
 
+def latest_in(folder: Path) -> Path:
+    """A run folder's checkpoint: its own checkpoint.pt (the plain loop), or the newest of Ray Train's
+    checkpoint_* folders."""
+    saved = sorted(folder.glob(f"checkpoint_*/{FILENAME}"), key=lambda p: p.parent.name)
+    return folder / FILENAME if (folder / FILENAME).is_file() or not saved else saved[-1]
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
-        path = path / FILENAME
+        path = latest_in(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}: pass the checkpoint file or the run folder holding "
                                 f"{FILENAME}")

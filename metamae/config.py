@@ -74,6 +74,30 @@ class TrainConfig:
 
 
 @dataclass
+class TrainerConfig:
+    """Ray Train around the step function: workers, devices, checkpoints, failures."""
+    ray: bool = True                   # false: the plain one-process loop of metamae.train
+    num_workers: int = 1               # data-parallel workers; each gets batch_size / num_workers
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5       # leave CPUs to Ray Data's read tasks (ray-project/ray#29662)
+    bf16: bool = False                 # bfloat16 autocast; GPUs only (not run on the CPU test machine)
+    compile: bool = False              # torch.compile the encoder blocks; GPUs only (not run here)
+    probe_every: int = 500             # the online probe every M steps (0: only at the end)
+    probe_examples: int = 500          # examples the online probe fits on (and as many it scores)
+    keep_checkpoints: int = 2          # the K latest; the best by the online probe is kept beside them
+    max_failures: int = 2              # worker failures recovered from the latest checkpoint
+    check_resources: bool = True       # refuse a request the cluster cannot hold; false where it autoscales
+    storage: Optional[str] = None      # where checkpoints persist (local folder or pyarrow URI); None: out_dir
+
+    def __post_init__(self):
+        if self.num_workers < 1:
+            raise ValueError(f"trainer.num_workers is {self.num_workers}; expected >= 1")
+        if (self.bf16 or self.compile) and not self.use_gpu:
+            raise ValueError("trainer.bf16 and trainer.compile are for GPU runs: set trainer.use_gpu=true, "
+                             "or leave them false on CPUs")
+
+
+@dataclass
 class ProbeConfig:
     """Linear evaluation: a linear head on the frozen encoder, Adam as in the paper."""
     epochs: int = 100
@@ -89,6 +113,7 @@ class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     out_dir: str = MISSING             # run folder: checkpoints, TensorBoard events, results
     baselines: bool = False            # also pretrain MAE and probe a random-init encoder

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from itertools import islice
 from typing import Optional
 
 import numpy as np
@@ -31,15 +32,17 @@ class ProbeResult:
 
 @torch.no_grad()
 def extract_features(model: MetaMAE, data, split: str, batch_size: int, per_token: bool = False,
-                     ignore_label: Optional[int] = None):
+                     ignore_label: Optional[int] = None, max_batches: Optional[int] = None):
     """Frozen-encoder features of one split -> (N × D, labels), or per token (N·L × D, N·L labels)
-    without the tokens labelled `ignore_label`."""
+    without the tokens labelled `ignore_label`; of the split's first `max_batches` batches if given."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     feats, labels = [], []
-    for x, y in data.stream(split, batch_size):
+    for x, y in islice(data.stream(split, batch_size), max_batches):
+        x = tuple(part.to(device) for part in x) if isinstance(x, tuple) else x.to(device)
         f = model.features(x, per_token=per_token)                        # B × D or B × L × D
-        f, y = f.reshape(-1, f.shape[-1]), (y.reshape(-1) if per_token else y)
+        f, y = f.reshape(-1, f.shape[-1]).cpu(), (y.reshape(-1) if per_token else y)
         if ignore_label is not None:
             keep = y != ignore_label
             f, y = f[keep], y[keep]
@@ -98,3 +101,33 @@ def linear_probe(model: MetaMAE, data, dataset: DatasetConfig, cfg: ProbeConfig)
     with torch.no_grad():
         return ProbeResult(metric, test=score(metric, head(test_x), test_y),
                            train=score(metric, head(train_x), train_y))
+
+
+def ridge_targets(metric: str, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Labels as regression targets: one-hot classes, ±1 for binary, the labels for multi-label."""
+    if metric in ("accuracy", "weighted_f1"):
+        return F.one_hot(y, num_classes).double()
+    if metric == "binary_accuracy":
+        return (2.0 * y.double() - 1.0).reshape(-1, 1)
+    return y.double().reshape(len(y), -1)
+
+
+def online_probe(model: MetaMAE, data, dataset: DatasetConfig, examples: int, l2: float = 1e-2) -> float:
+    """A fast probe that tracks linear evaluation during pretraining, for early stopping.
+
+    Closed-form ridge regression of the labels on the standardised features of `examples` examples
+    of the probe's training split, scored with the dataset's metric on the `examples` after them:
+    held out from the fit, and never the test split that the final evaluation reports.
+    """
+    batch_size = dataset.batch_size
+    x, y = extract_features(model, data, dataset.probe_train_split, batch_size, dataset.per_token,
+                            dataset.ignore_label, max_batches=-(-2 * examples // batch_size))
+    x, n = x.double(), len(y) // 2                    # rows: examples, or tokens for per-token tasks
+    if n < 2:
+        raise ValueError(f"the online probe needs at least 4 examples of the {dataset.probe_train_split!r} split")
+    mean, std = x[:n].mean(0), x[:n].std(0) + 1e-6
+    design = torch.cat([(x - mean) / std, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)   # N × (D+1)
+    fit, held_out = design[:n], design[n:2 * n]
+    targets = ridge_targets(dataset.metric, y[:n], dataset.num_classes)
+    weights = torch.linalg.solve(fit.T @ fit + l2 * n * torch.eye(fit.shape[1], dtype=x.dtype), fit.T @ targets)
+    return score(dataset.metric, held_out @ weights, y[n:2 * n])

@@ -121,6 +121,54 @@ class Block(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
+# The batch a step sees, possibly split over data-parallel processes
+# --------------------------------------------------------------------------------------------
+
+class BatchGroup:
+    """The processes one batch is split over; here, one process holding all of it.
+
+    The terms that mix examples (the loss normalisers, the contrastive negatives, the projector's
+    BatchNorm statistics) are computed over the whole group's batch, so a data-parallel run gives
+    the same loss as one process with the same global batch. metamae.distributed.collectives
+    spans torch.distributed processes; both operations keep gradients.
+    """
+    size: int = 1
+    rank: int = 0
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum of `t` over the group's processes."""
+        return t
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """The group's tensors concatenated along dim 0, in rank order."""
+        return t
+
+
+ONE_PROCESS = BatchGroup()
+
+
+class GroupBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics cover the group's whole batch.
+
+    With one process this is nn.BatchNorm1d. (torch's SyncBatchNorm does the same on GPUs only.)
+    """
+    group: BatchGroup = ONE_PROCESS
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:                # x: b × C, b = B / group size
+        if not self.training or self.group.size == 1:
+            return super().forward(x)
+        n = x.shape[0] * self.group.size                               # B
+        moments = self.group.sum(torch.cat([x.sum(0), (x * x).sum(0)])) / n   # 2C: E[x], E[x²]
+        mean, var = moments.chunk(2)
+        var = var - mean * mean                                        # biased, as BatchNorm normalises
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(var.detach() * n / (n - 1), self.momentum)
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+
+
+# --------------------------------------------------------------------------------------------
 # The pieces of the objective, as pure functions
 # --------------------------------------------------------------------------------------------
 
@@ -147,20 +195,28 @@ def support_set(mask: torch.Tensor, nearby: torch.Tensor, uniforms: torch.Tensor
     return mask * nearby * (uniforms < ratio) + (1 - mask)
 
 
-def weighted_mean(token_loss: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Σ w ℓ / Σ w over the whole batch (B × N each): R(pred, w) of the objective."""
-    return (token_loss * weight).sum() / weight.sum()
+def weighted_mean(token_loss: torch.Tensor, weight: torch.Tensor, group: BatchGroup = ONE_PROCESS) -> torch.Tensor:
+    """Σ w ℓ / Σ w over the whole batch (b × N each): R(pred, w) of the objective.
+
+    Over a group, each process returns size · (its Σ w ℓ) / (the group's Σ w): the mean over the
+    processes is the global value, and so are the gradients that data parallelism averages.
+    """
+    return group.size * (token_loss * weight).sum() / group.sum(weight.sum())
 
 
-def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Symmetric InfoNCE between two views, B × P each; row i's positive is row i of the other view."""
-    B = a.shape[0]
-    e = torch.cat([F.normalize(a, dim=1), F.normalize(b, dim=1)])         # 2B × P
-    logits = e @ e.t() / temperature                                    # 2B × 2B
-    self_pairs = torch.eye(2 * B, dtype=torch.bool, device=e.device)
-    logits = logits.masked_fill(self_pairs, float("-inf"))
-    targets = torch.cat([torch.arange(B, 2 * B), torch.arange(0, B)]).to(e.device)
-    return F.cross_entropy(logits, targets)
+def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float, group: BatchGroup = ONE_PROCESS) -> torch.Tensor:
+    """Symmetric InfoNCE between two views, b × P each; row i's positive is row i of the other view.
+
+    The negatives are every other row of the group's whole batch (2B − 2 of them); each process
+    scores its own 2b rows, so the mean over processes is the global loss.
+    """
+    queries = torch.cat([F.normalize(a, dim=1), F.normalize(b, dim=1)])   # 2b × P
+    keys = torch.cat([group.gather(queries[:len(a)]), group.gather(queries[len(a):])])   # 2B × P
+    logits = queries @ keys.t() / temperature                           # 2b × 2B
+    B, rows = len(keys) // 2, torch.arange(len(a), device=a.device) + group.rank * len(a)
+    own, positive = torch.cat([rows, rows + B]), torch.cat([rows + B, rows])
+    logits = logits.masked_fill(F.one_hot(own, 2 * B).bool(), float("-inf"))   # not itself
+    return F.cross_entropy(logits, positive)
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,6 +228,7 @@ class MetaMAE(nn.Module):
                  objective: ObjectiveConfig = ObjectiveConfig()):
         super().__init__()
         self.spec, self.config, self.objective = spec, model, objective
+        self.group = ONE_PROCESS
         D, Dd = model.enc_width, model.dec_width
         self.tokenizer = spec.tokenizer(D, Dd)       # embedding in, reconstruction head out
 
@@ -194,10 +251,17 @@ class MetaMAE(nn.Module):
 
         # MetaMAE's task-contrastive projector (PyTorch's default initialisation) and α
         if objective.method == "metamae":
-            self.projector = nn.Sequential(nn.Linear(D, 4 * D, bias=False), nn.BatchNorm1d(4 * D),
+            self.projector = nn.Sequential(nn.Linear(D, 4 * D, bias=False), GroupBatchNorm1d(4 * D),
                                            nn.ReLU(), nn.Linear(4 * D, model.projector_dim, bias=False))
             self.inner_lr = nn.Parameter(torch.tensor(float(objective.inner_lr)),
                                          requires_grad=objective.learn_inner_lr)
+
+    def split_batch_over(self, group: BatchGroup) -> None:
+        """Data parallelism: compute the terms that mix examples over `group`'s whole batch."""
+        self.group = group
+        for m in self.modules():
+            if isinstance(m, GroupBatchNorm1d):
+                m.group = group
 
     def _init_weights(self) -> None:
         for m in self.modules():
@@ -259,9 +323,10 @@ class MetaMAE(nn.Module):
         support_before = None
         for _ in range(self.objective.inner_steps):
             pred = self.decode(z, restore, twice_differentiable=second_order)
-            support_loss = weighted_mean(self.tokenizer.token_loss(pred, target), support)
+            support_loss = weighted_mean(self.tokenizer.token_loss(pred, target), support, self.group)
             if support_before is None:
                 support_before = support_loss
+            # b · size · (Σ_b s ℓ) / (Σ_B s) = B · R: its gradient at this process's z is the global one
             grad, = torch.autograd.grad(support_loss * z.shape[0], z, create_graph=second_order)
             z = z - self.inner_lr * grad                                       # B × (1+K) × D
         return z, support_before
@@ -269,7 +334,7 @@ class MetaMAE(nn.Module):
     def contrast(self, z: torch.Tensor, z_adapted: torch.Tensor) -> torch.Tensor:
         """Task contrast: the mean visible token of z and of z*, projected, as two views."""
         return nt_xent(self.projector(z[:, 1:].mean(dim=1)), self.projector(z_adapted[:, 1:].mean(dim=1)),
-                       self.objective.temperature)
+                       self.objective.temperature, self.group)
 
     # ---- the objective -------------------------------------------------------------------------
 
@@ -288,7 +353,8 @@ class MetaMAE(nn.Module):
         z, mask, restore = self.encode(x, masking_noise)                       # z: B × (1+K) × D
 
         if self.objective.method == "mae":
-            reconstruction = weighted_mean(self.tokenizer.token_loss(self.decode(z, restore), target), mask)
+            reconstruction = weighted_mean(self.tokenizer.token_loss(self.decode(z, restore), target), mask,
+                                           self.group)
             return Losses(total=reconstruction, reconstruction=reconstruction)
 
         if support_noise is None:
@@ -298,12 +364,12 @@ class MetaMAE(nn.Module):
         z_adapted, support_before = self.adapt(z, restore, target, support)
 
         token_loss = self.tokenizer.token_loss(self.decode(z_adapted, restore), target)    # B × N
-        reconstruction = weighted_mean(token_loss, mask)
+        reconstruction = weighted_mean(token_loss, mask, self.group)
         contrastive = self.contrast(z, z_adapted)
         return Losses(total=reconstruction + self.objective.contrastive_weight * contrastive,
                       reconstruction=reconstruction, contrastive=contrastive,
                       support_before=support_before.detach(),
-                      support_after=weighted_mean(token_loss.detach(), support),
+                      support_after=weighted_mean(token_loss.detach(), support, self.group),
                       inner_lr=self.inner_lr.detach())
 
 

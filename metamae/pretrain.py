@@ -1,7 +1,9 @@
 """python -m metamae.pretrain [dataset=digits] [model=tiny] [train.steps=5000] [baselines=true]
+                           [trainer.num_workers=2] [trainer.use_gpu=true] [trainer.ray=false]
 
-Pretrains on one process, then evaluates the encoder by linear probing. With baselines=true it
-also pretrains MAE and probes a random-init encoder, and prints the three side by side.
+Pretrains with Ray Train (on a local Ray, or the cluster RAY_ADDRESS names), or with
+trainer.ray=false in this process, then evaluates the encoder by linear probing. With
+baselines=true it also pretrains MAE and probes a random-init encoder, side by side.
 """
 from __future__ import annotations
 
@@ -10,11 +12,13 @@ import json
 from pathlib import Path
 
 import hydra
+import ray
 import torch
 from omegaconf import DictConfig
 
 from metamae.config import CONFIG_DIR, PretrainConfig, register, to_object
 from metamae.data import Dataset, load_dataset
+from metamae.distributed.trainer import default_environment, fit
 from metamae.linear_eval import ProbeResult, linear_probe
 from metamae.model import MetaMAE
 from metamae.train import RunConfig, pretrain
@@ -30,12 +34,20 @@ def run(cfg: PretrainConfig) -> dict[str, ProbeResult]:
     out_dir = Path(cfg.out_dir)
     data, dataset = load_dataset(cfg.dataset, seed=cfg.train.seed)
     cfg = dataclasses.replace(cfg, dataset=dataset)
+    if cfg.trainer.ray and not ray.is_initialized():
+        default_environment()
+        ray.init()                      # a local Ray, or the cluster that RAY_ADDRESS names
     methods = ["metamae", "mae"] if cfg.baselines else [cfg.objective.method]
     results = {}
     for method in methods:
         objective = dataclasses.replace(cfg.objective, method=method)
-        model = pretrain(RunConfig(cfg.dataset, cfg.model, objective, cfg.train), data, out_dir / method)
-        results[method] = linear_probe(model, data, cfg.dataset, cfg.probe)
+        run_config = RunConfig(cfg.dataset, cfg.model, objective, cfg.train)
+        if cfg.trainer.ray:
+            metrics = fit(run_config, cfg.probe, cfg.trainer, out_dir / method).metrics   # the final report
+            results[method] = ProbeResult(cfg.dataset.metric, metrics["objective"], metrics["objective_train"])
+        else:
+            model = pretrain(run_config, data, out_dir / method)
+            results[method] = linear_probe(model, data, cfg.dataset, cfg.probe)
     if cfg.baselines:
         results["random_init"] = linear_probe(random_init_encoder(data, cfg), data, cfg.dataset, cfg.probe)
 

@@ -30,8 +30,16 @@ def make_optimizer(model: MetaMAE, cfg: TrainConfig) -> torch.optim.AdamW:
                              lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def check_finite(losses: Losses, step: int) -> None:
-    for name, value in losses.scalars().items():
+def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any], cfg: TrainConfig) -> None:
+    """Load a checkpoint's optimizer state (moments, step counts); lr and weight decay stay the config's."""
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        group.update(lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def check_finite(scalars: dict[str, float], step: int) -> None:
+    """Raise NonFiniteLoss naming the step and the first loss term that is NaN or infinite."""
+    for name, value in scalars.items():
         if not math.isfinite(value):
             raise NonFiniteLoss(f"step {step}: the {name} loss is {value}. Lower train.lr or "
                                 f"objective.inner_lr; the last good checkpoint is kept")
@@ -41,7 +49,7 @@ def train_step(model: MetaMAE, optimizer: torch.optim.Optimizer, x, step: int) -
     """One optimisation step on batch `x`; raises NonFiniteLoss before touching the weights."""
     model.train()
     losses = model(x)
-    check_finite(losses, step)
+    check_finite(losses.scalars(), step)
     optimizer.zero_grad(set_to_none=True)
     losses.total.backward()
     optimizer.step()
@@ -68,7 +76,7 @@ def pretrain(run: RunConfig, data: Dataset, out_dir: Path, log: bool = True) -> 
     torch.manual_seed(cfg.seed)
     model = MetaMAE(data.spec, run.model, run.objective).to(cfg.device)
     optimizer = make_optimizer(model, cfg)
-    step = resume(out_dir / FILENAME, model, optimizer, run.to_dict())
+    step = resume(out_dir / FILENAME, model, optimizer, run)
     if step >= cfg.steps:
         return model
 
@@ -98,18 +106,22 @@ def pretrain(run: RunConfig, data: Dataset, out_dir: Path, log: bool = True) -> 
     return model
 
 
-def resume(path: Path, model: MetaMAE, optimizer: torch.optim.Optimizer, run_dict: dict[str, Any]) -> int:
+def check_same_run(saved: dict[str, Any], run: RunConfig, where: str) -> None:
+    """A run resumes only from a checkpoint of the same dataset, model and objective."""
+    for part in ("dataset", "model", "objective"):
+        if saved[part] != run.to_dict()[part]:
+            raise ValueError(f"{where} was saved by a run with another {part} config ({saved[part]}); "
+                             f"use a new out_dir, or the same {part} settings to resume it")
+
+
+def resume(path: Path, model: MetaMAE, optimizer: torch.optim.Optimizer, run: RunConfig) -> int:
     """Load a run folder's checkpoint into model and optimizer; the step it was saved at, or 0."""
     if not path.exists():
         return 0
     checkpoint = load_checkpoint(path)
-    saved = checkpoint["config"]
-    for part in ("dataset", "model", "objective"):
-        if saved[part] != run_dict[part]:
-            raise ValueError(f"{path} was saved by a run with another {part} config ({saved[part]}); "
-                             f"use a new out_dir, or the same {part} settings to resume it")
+    check_same_run(checkpoint["config"], run, str(path))
     model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    restore_optimizer(optimizer, checkpoint["optimizer"], run.train)
     torch.set_rng_state(checkpoint["torch_rng"])
     print(f"resuming from {path} at step {checkpoint['step']}", flush=True)
     return checkpoint["step"]

@@ -45,10 +45,13 @@ class ArrayDataset:
     def stream(self, split: str, batch_size: int, seed: Optional[int] = None,
                drop_last: bool = False) -> Iterator[tuple[object, torch.Tensor]]:
         """One pass over a split in (inputs, labels) tensor batches; shuffled when seeded."""
-        if split not in ("train", "test"):
-            raise KeyError(f"{self.name!r} has splits 'train' and 'test', not {split!r}")
         rng = np.random.default_rng(seed) if seed is not None else None
-        return batches(getattr(self, split), batch_size, rng, drop_last)
+        return batches(self.split(split), batch_size, rng, drop_last)
+
+    def split(self, name: str) -> Split:
+        if name not in ("train", "test"):
+            raise KeyError(f"{self.name!r} has splits 'train' and 'test', not {name!r}")
+        return getattr(self, name)
 
 
 def to_tensors(x: Inputs, device: Union[str, torch.device] = "cpu"):
@@ -65,6 +68,18 @@ def batches(split: Split, batch_size: int, rng: Optional[np.random.Generator] = 
     for start in range(0, stop, batch_size):
         part = split.take(order[start:start + batch_size])
         yield to_tensors(part.x), torch.from_numpy(part.y)
+
+
+def batch_indices(num_examples: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """The examples of step `step`'s batch (steps count from 1) in `endless_batches(seed)`'s order,
+    computed from the step alone, so a resumed or data-parallel run can find its place."""
+    per_epoch = num_examples // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"{num_examples} examples are fewer than one batch of {batch_size}: lower "
+                         f"dataset.batch_size")
+    epoch, index = divmod(step - 1, per_epoch)
+    order = np.random.default_rng(seed + epoch).permutation(num_examples)
+    return order[index * batch_size:(index + 1) * batch_size]
 
 
 def endless_batches(dataset: Dataset, split: str, batch_size: int, seed: int) -> Iterator[tuple[object, torch.Tensor]]:
