@@ -87,6 +87,8 @@ def linear_probe(model: MetaMAE, data, dataset: DatasetConfig, cfg: ProbeConfig)
                        ignore_label=dataset.ignore_label)
     train_x, train_y = features(dataset.probe_train_split)
     test_x, test_y = features(dataset.probe_test_split)
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6      # MAE's probe: a BatchNorm without affine
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
 
     torch.manual_seed(cfg.seed)
     head = nn.Linear(train_x.shape[1], head_outputs(metric, dataset.num_classes))
