@@ -190,7 +190,7 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
                 for name, value in metrics.items():
                     writer.add_scalar(f"pretrain/{name}", value, step)
                 writer.flush()
-            report(metrics, model, optimizer, step, run, best if checkpoint_now else None, rank, checkpoint_now)
+            report(metrics, model, optimizer, step, run, best, rank, checkpoint_now)
     finally:
         if writer is not None:
             writer.close()

@@ -1,0 +1,50 @@
+"""A real `ray start --head` of a test's own: its own ports and temp folder, so that other Rays on the
+machine neither see nor disturb it, stopped by killing the processes of its session (as `ray stop
+--force` does, for this head only: `ray stop` would stop every Ray on the machine)."""
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RAY = Path(sys.executable).parent / "ray"
+
+
+def session_pids(session: int) -> list[int]:
+    """The live processes of a session: those of the `ray start` that led it keep it."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(ProcessLookupError, FileNotFoundError):
+            if entry.name.isdigit() and os.getsid(int(entry.name)) == session:
+                if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":  # not a zombie
+                    pids.append(int(entry.name))
+    return pids
+
+
+def kill_session(session: int) -> None:
+    """SIGKILL every process of the session; fail if any is left after 30 s."""
+    deadline = time.monotonic() + 30
+    while (pids := session_pids(session)) and time.monotonic() < deadline:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.5)
+    assert not session_pids(session), f"processes of session {session} are left"
+
+
+@contextlib.contextmanager
+def ray_head(work: Path, env: dict[str, str], port: int, dashboard_port: int, *options: str):
+    """Start a head with `options` (its resources, autoscaling config); yield; kill its session."""
+    head = subprocess.Popen(
+        [RAY, "start", "--head", f"--port={port}", f"--ray-client-server-port={port + 1}",
+         f"--dashboard-port={dashboard_port}", "--dashboard-agent-listen-port=0", f"--temp-dir={work / 'ray'}",
+         "--disable-usage-stats", *options],
+        env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = head.communicate(timeout=90)
+        assert head.returncode == 0, out
+        yield
+    finally:
+        kill_session(head.pid)

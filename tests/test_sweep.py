@@ -1,0 +1,126 @@
+"""tune/sweep.py on a real `ray start --head` on 127.0.0.1: a 12-trial sweep with early stopping whose
+driver is killed mid-sweep and resumed ends with every trial terminated and the Optuna study's history
+kept; `ray job submit` runs a sweep to SUCCEEDED; a wrong search-space key fails naming it."""
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+
+from ray_head import RAY, ray_head
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tune"))
+import sweep  # noqa: E402  (tune/ is a folder of scripts)
+
+PORT, DASHBOARD_PORT = 6480, 8480               # not Ray's defaults, which other tests' Rays use
+QUICK = ["train.steps=20", "train.log_every=10", "sweep.grace_period=10", "sweep.reduction_factor=2",
+         "probe.epochs=1", "trainer.probe_examples=200", "trainer.cpus_per_worker=0.4", "sweep.baseline=false"]
+
+
+@pytest.fixture(scope="module")
+def head():
+    """A head of 2 CPUs with the dashboard on and token authentication off (127.0.0.1, a test)."""
+    work = Path(tempfile.mkdtemp(prefix="raysweep-"))      # short: Ray's socket paths must fit 107 bytes
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    with ray_head(work, env, PORT, DASHBOARD_PORT, "--num-cpus=2", "--node-ip-address=127.0.0.1"):
+        yield env, work
+
+
+def sweep_command(sweep_dir: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "tune/sweep.py", f"sweep.dir={sweep_dir.parent}", f"sweep.name={sweep_dir.name}",
+            *QUICK, *overrides]
+
+
+def study_trials(sweep_dir: Path) -> list[optuna.trial.FrozenTrial]:
+    if not (sweep_dir / "optuna.db").is_file():
+        return []
+    try:
+        return optuna.load_study(study_name="digits", storage=f"sqlite:///{sweep_dir}/optuna.db").get_trials()
+    except (KeyError, ValueError, optuna.exceptions.StorageInternalError):
+        return []                                                # the study is being created
+
+
+def test_a_killed_sweep_resumes_keeping_finished_trials_and_the_study_history(head, tmp_path):
+    env, _ = head
+    env = {**env, "RAY_ADDRESS": f"127.0.0.1:{PORT}"}
+    sweep_dir = tmp_path / "killed"
+    command = sweep_command(sweep_dir, "sweep.num_samples=12")
+    driver = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 400
+        while len([t for t in study_trials(sweep_dir) if t.state.is_finished()]) < 3:
+            assert driver.poll() is None, "the sweep ended before it could be killed"
+            assert time.time() < deadline, "no three trials finished in time"
+            time.sleep(2)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)                    # the driver, as a lost head node would
+        driver.wait()
+    before = {t.number: (t.state, t.value) for t in study_trials(sweep_dir) if t.state.is_finished()}
+
+    resumed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resuming the digits sweep" in resumed.stdout
+
+    trials = pd.read_csv(sweep_dir / "digits.csv")               # the report, written at the end
+    assert len(trials) == 12 and set(trials["status"]) == {"TERMINATED"}, trials[["trial_id", "status"]]
+    assert trials["objective"].notna().sum() >= 2                # some ran to the final evaluation
+    assert trials["objective"].isna().sum() >= 2                 # ASHA stopped some early
+    after = {t.number: t for t in study_trials(sweep_dir)}
+    for number, (state, value) in before.items():                # the history is kept as it was
+        assert (after[number].state, after[number].value) == (state, value)
+    finished = [t for t in after.values() if t.state.is_finished()]
+    assert len(finished) >= 12
+    assert (sweep_dir / "report.md").is_file() and list((sweep_dir / "plots").glob("*.png"))
+
+
+def test_ray_job_submit_runs_a_sweep_to_succeeded_with_its_progress_in_the_job_log(head, tmp_path):
+    env, _ = head
+    address = f"http://127.0.0.1:{DASHBOARD_PORT}"
+    submit = subprocess.run(
+        [RAY, "job", "submit", "--address", address, "--working-dir", ".", "--",
+         *["python", *sweep_command(tmp_path / "job", "sweep.num_samples=2")[1:]]],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+    job_id = next(line.split("'")[1] for line in submit.stdout.splitlines() if "submitted successfully" in line)
+    status = subprocess.run([RAY, "job", "status", "--address", address, job_id], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert "succeeded" in status.stdout.lower(), status.stdout
+    logs = subprocess.run([RAY, "job", "logs", "--address", address, job_id], env=env, capture_output=True,
+                          text=True, timeout=60).stdout
+    assert "Trial status" in logs and "digits: best objective" in logs
+    assert (tmp_path / "job" / "report.md").is_file()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("+space.train.lrr={dist:uniform,low:0,high:1}", "space.train.lrr: 'train.lrr' is not a config key"),
+    ("+space.train.lr={dist:gaussian,low:0,high:1}", "space.train.lr is"),
+    ("sweep.num_sampels=3", "num_sampels"),
+])
+def test_a_wrong_sweep_key_fails_before_anything_starts_naming_it(override, message, tmp_path):
+    run = subprocess.run(sweep_command(tmp_path / "bad", override), cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode != 0 and message in run.stdout + run.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_trial_gets_its_dotted_values_typed_and_checked():
+    base = {"dataset": {"name": "digits", "input": {"kind": "image", "channels": 1, "height": 8, "width": 8,
+                                                    "patch": 2}, "num_classes": 10, "metric": "accuracy",
+                        "source": "digits"}}
+    cfg = sweep.trial_config(base, {"objective.inner_lr": 0.3, "train.lr": 0.01}, out_dir="x")
+    assert cfg.objective.inner_lr == 0.3 and cfg.train.lr == 0.01 and cfg.out_dir == "x"
+    with pytest.raises(ValueError, match="objective.mask_ratio is 1.5"):
+        sweep.trial_config(base, {"objective.mask_ratio": 1.5}, out_dir="x")
+    space = sweep.search_space({"objective": {"inner_lr": {"dist": "loguniform", "low": 0.1, "high": 1.0}},
+                                "model": {"enc_depth": {"choices": [2, 4]}}}, base | {"model": {"enc_depth": 4},
+                                                                                     "objective": {"inner_lr": 0.5}})
+    assert set(space) == {"objective.inner_lr", "model.enc_depth"}

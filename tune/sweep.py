@@ -1,0 +1,292 @@
+"""python tune/sweep.py [dataset=digits | datasets=[pamap2,higgs]] [sweep.num_samples=12] [key=value ...]
+
+Per-dataset hyperparameter sweeps: Ray Tune runs the trials, Optuna (TPE) proposes them, ASHA stops
+the bad ones early on the online probe, and the final linear evaluation is the objective.
+
+    for each dataset:  Optuna study (SWEEP_DIR/optuna.db)  ──proposes──▶  trial = a Ray Train run
+                       ASHA on the online probe             ◀──reports──   (its own workers, GPUs)
+    at the end:        SWEEP_DIR/report.md, <dataset>.csv, plots/ (tune/report.py)
+
+The search space is configs/sweep.yaml's `space`, replaced per dataset by configs/space/<dataset>.yaml;
+any config key joins it from the YAML or the command line (+space.train.lr={dist:loguniform,low:1e-4,high:1e-2}).
+The first trial runs the configured (paper's) values. Running the same command again, or with
+resume=true, restores a sweep whose driver was stopped: finished trials are kept, unfinished ones
+rerun, and the Optuna study keeps its history.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import hydra
+import optuna
+import ray
+import torch
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from metamae.config import (CONFIG_DIR, DatasetConfig, PretrainConfig, ProbeConfig, TrainConfig, TrainerConfig,
+                            register, to_object)
+from metamae.data import load_dataset
+from metamae.distributed.trainer import default_environment, fit
+from metamae.linear_eval import linear_probe
+from metamae.model import MetaMAE, ModelConfig, ObjectiveConfig
+from metamae.train import RunConfig
+from report import write_report
+
+MODE = "max"                  # every dataset metric (accuracy, F1, AUROC, correlation) is better higher
+DISTRIBUTIONS = {"loguniform": tune.loguniform, "uniform": tune.uniform, "int": tune.randint}
+
+
+@dataclass
+class SweepConfig:
+    name: Optional[str] = None          # the sweep's folder under `dir`; None: the datasets' names
+    dir: str = "sweeps"                 # a local folder, or a pyarrow filesystem URI (s3://bucket/sweeps)
+    num_samples: int = 12               # trials per dataset
+    seed: int = 0                       # Optuna's TPE sampler
+    max_concurrent_trials: Optional[int] = None   # None: as many as the cluster's CPUs and GPUs hold
+    grace_period: int = 200             # steps every trial runs before ASHA may stop it
+    reduction_factor: int = 2           # ASHA keeps the best 1/reduction_factor at each rung
+    trial_retries: int = 1              # a failed trial is rerun this many times before it is reported
+    trial_cpus: float = 0.1             # the trial driver's own CPUs (its Train workers ask for theirs)
+    storage: Optional[str] = None       # an Optuna RDB URL; None: sqlite in the sweep folder
+    autoscaling: bool = False           # a cluster that grows for waiting trials (cluster/*.yaml): trials are
+                                        # not checked against today's nodes, and up to max_concurrent_trials
+                                        # (default num_samples) wait at once
+    baseline: bool = True               # also probe a random-init encoder, the number to beat
+
+
+@dataclass
+class SweepJobConfig:
+    dataset: DatasetConfig = MISSING
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    space: Dict[str, Any] = field(default_factory=dict)    # config key -> {dist, low, high} or {choices}
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    datasets: List[str] = field(default_factory=list)      # several datasets, one study each; []: `dataset`
+    resume: Optional[bool] = None       # None: resume a sweep that exists; true: it must; false: it must not
+
+
+# --------------------------------------------------------------------------------------------
+# The search space
+# --------------------------------------------------------------------------------------------
+
+def flatten_space(space: dict[str, Any], prefix: str = "") -> dict[str, dict[str, Any]]:
+    """{objective: {inner_lr: {dist: ...}}} -> {'objective.inner_lr': {dist: ...}}."""
+    flat = {}
+    for key, value in space.items():
+        if isinstance(value, dict) and not {"dist", "choices"} & set(value):
+            flat.update(flatten_space(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def search_space(space: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """The YAML space as Tune distributions over dotted config keys; a wrong key or spec names itself."""
+    distributions = {}
+    for key, spec in flatten_space(space).items():
+        if OmegaConf.select(OmegaConf.create(base), key, default=MISSING) is MISSING:
+            raise ValueError(f"space.{key}: {key!r} is not a config key (see configs/sweep.yaml)")
+        if not isinstance(spec, dict):
+            raise ValueError(f"space.{key} is {spec!r}; expected {{dist: ..., low: ..., high: ...}} or {{choices: [...]}}")
+        if "choices" in spec:
+            distributions[key] = tune.choice(list(spec["choices"]))
+        elif spec.get("dist") in DISTRIBUTIONS and {"low", "high"} <= set(spec):
+            distributions[key] = DISTRIBUTIONS[spec["dist"]](spec["low"], spec["high"])
+        else:
+            raise ValueError(f"space.{key} is {spec}; expected {{dist: loguniform|uniform|int, low: L, high: H}} "
+                             f"or {{choices: [...]}}")
+    if not distributions:
+        raise ValueError("the search space is empty: set `space` in configs/sweep.yaml or configs/space/")
+    return distributions
+
+
+def trial_config(base: dict[str, Any], params: dict[str, Any], out_dir: str) -> PretrainConfig:
+    """The base config with a trial's dotted-key values, typed and validated."""
+    cfg = OmegaConf.merge(OmegaConf.structured(PretrainConfig), base, {"out_dir": out_dir})
+    for key, value in params.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    return to_object(cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# One trial: a Ray Train run
+# --------------------------------------------------------------------------------------------
+
+def run_trial(params: dict[str, Any], base: dict[str, Any], runs_dir: str) -> None:
+    """A Tune trial: pretrain with the trial's values on its own Train workers; every Train report
+    goes on to Tune. The run's folder is RUNS_DIR/<trial id>: checkpoints, TensorBoard events and
+    results, found again by a rerun of the trial after a failure or a resumed sweep."""
+    context = tune.get_context()
+    if "://" in runs_dir:     # checkpoints to the bucket; TensorBoard events stay beside the trial
+        out_dir, storage = Path(context.get_trial_dir()) / context.get_trial_id(), runs_dir
+    else:
+        out_dir, storage = Path(runs_dir) / context.get_trial_id(), None
+    cfg = trial_config(base, params, str(out_dir))
+    run = RunConfig(cfg.dataset, cfg.model, cfg.objective, cfg.train)
+    trainer = replace(cfg.trainer, storage=storage) if storage else cfg.trainer
+    fit(run, cfg.probe, trainer, out_dir, callbacks=[TuneReportCallback()])
+
+
+class FinalReportOptunaSearch(OptunaSearch):
+    """OptunaSearch told of the final report only: the objective (the final linear evaluation) is
+    missing from the reports before it, on which OptunaSearch would fail."""
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if self.metric in result:
+            super().on_trial_result(trial_id, result)
+
+
+def trial_resources(cfg: SweepJobConfig) -> dict[str, float]:
+    workers = cfg.trainer.num_workers
+    return {"CPU": cfg.sweep.trial_cpus + workers * cfg.trainer.cpus_per_worker,
+            "GPU": workers if cfg.trainer.use_gpu else 0}
+
+
+def concurrent_trials(cfg: SweepJobConfig) -> int:
+    """As many trials as the cluster holds now, or on an autoscaling cluster as many as asked."""
+    if cfg.sweep.max_concurrent_trials:
+        return cfg.sweep.max_concurrent_trials
+    if cfg.sweep.autoscaling:
+        return cfg.sweep.num_samples
+    have, need = ray.cluster_resources(), trial_resources(cfg)
+    fits = [math.floor(have.get(kind, 0.0) / amount + 1e-9) for kind, amount in need.items() if amount]
+    return max(1, min(fits))
+
+
+# --------------------------------------------------------------------------------------------
+# One study per dataset
+# --------------------------------------------------------------------------------------------
+
+def sweep_dataset(cfg: SweepJobConfig, base: dict[str, Any], space: dict[str, Any], sweep_dir: str,
+                  storage: str) -> tune.ResultGrid:
+    """One dataset's study: a new Tuner, or the restored one of a sweep that was stopped."""
+    name = cfg.dataset.name
+    experiment = os.path.join(sweep_dir, name)
+    trial = tune.with_parameters(run_trial, base=base, runs_dir=os.path.join(experiment, "runs"))
+    trainable = tune.with_resources(trial, {"cpu": cfg.sweep.trial_cpus})
+    if tune.Tuner.can_restore(experiment):
+        if cfg.resume is False:
+            raise FileExistsError(f"{experiment} holds a sweep: resume it (the same command, or resume=true), "
+                                  f"or choose another sweep.name")
+        print(f"resuming the {name} sweep in {experiment}", flush=True)
+        tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
+        return tuner.fit()
+    if cfg.resume:
+        raise FileNotFoundError(f"resume=true, and there is no sweep to resume at {experiment}")
+    first = {key: OmegaConf.select(OmegaConf.create(base), key) for key in space}
+    searcher = FinalReportOptunaSearch(
+        metric="objective", mode=MODE, points_to_evaluate=[first], sampler=optuna.samplers.TPESampler(seed=cfg.sweep.seed),
+        storage=optuna.storages.RDBStorage(storage), study_name=name)
+    scheduler = ASHAScheduler(metric="probe", mode=MODE, time_attr="step", max_t=cfg.train.steps,
+                              grace_period=cfg.sweep.grace_period, reduction_factor=cfg.sweep.reduction_factor)
+    concurrent = concurrent_trials(cfg)
+    if cfg.sweep.autoscaling:     # Tune fixes its cap on waiting trials at start (ray-project/ray#43451)
+        os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(concurrent))
+    tuner = tune.Tuner(
+        trainable, param_space=space,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=cfg.sweep.num_samples,
+                                    max_concurrent_trials=concurrent),
+        run_config=tune.RunConfig(storage_path=sweep_dir, name=name,
+                                  failure_config=tune.FailureConfig(max_failures=cfg.sweep.trial_retries)))
+    return tuner.fit()
+
+
+def sweep_folder(sweep: SweepConfig, datasets: list[str]) -> str:
+    name = sweep.name or "+".join(datasets)
+    return os.path.join(sweep.dir, name) if "://" in sweep.dir else str(Path(sweep.dir, name).resolve())
+
+
+def optuna_storage(sweep: SweepConfig, sweep_dir: str) -> str:
+    if sweep.storage:
+        return sweep.storage
+    if "://" in sweep_dir:
+        raise ValueError(f"sweep.dir is {sweep.dir}: set sweep.storage to an Optuna RDB URL "
+                         f"(postgresql://..., or sqlite:///a/local/file.db)")
+    Path(sweep_dir).mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{sweep_dir}/optuna.db"
+
+
+def compose_for(dataset: str) -> DictConfig:
+    """This job's config with `dataset` (and its configs/space/<dataset>.yaml) chosen."""
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.split("=")[0].lstrip("+~") in
+                 ("dataset", "datasets")]
+    return hydra.compose(config_name="sweep", overrides=[*overrides, f"dataset={dataset}"])
+
+
+def random_init_probe(base: dict[str, Any]) -> float:
+    """The final linear evaluation of a random-init encoder: what pretraining has to beat."""
+    cfg = trial_config(base, {}, out_dir="unused")
+    data, dataset = load_dataset(cfg.dataset, seed=cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)
+    return linear_probe(MetaMAE(data.spec, cfg.model, cfg.objective), data, dataset, cfg.probe).test
+
+
+def summary(name: str, results: tune.ResultGrid, baseline: Optional[float]) -> str:
+    finished = [r for r in results if r.metrics and "objective" in r.metrics]
+    failed = [r for r in results if r.error]
+    against = f" (random-init encoder: {baseline:.4f})" if baseline is not None else ""
+    if not finished:
+        return f"{name}: no trial finished ({len(failed)} failed){against}"
+    best = max(finished, key=lambda r: r.metrics["objective"])
+    params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.config.items())
+    return (f"{name}: best objective {best.metrics['objective']:.4f}{against} with {params}; {len(finished)} "
+            f"finished, {len(results) - len(finished) - len(failed)} stopped early, {len(failed)} failed")
+
+
+def studies(job: DictConfig) -> list[tuple[SweepJobConfig, dict[str, Any], dict[str, Any]]]:
+    """Per dataset: the typed config, the base config every trial starts from, the search space;
+    every key and value checked before anything starts."""
+    prepared = []
+    for name in list(job.datasets) or [job.dataset.name]:
+        composed = compose_for(name) if job.datasets else job
+        cfg = to_object(composed)
+        base = OmegaConf.to_container(composed, resolve=True)
+        for key in ("space", "sweep", "datasets", "resume"):
+            base.pop(key)
+        if cfg.sweep.autoscaling:
+            base["trainer"]["check_resources"] = False
+        prepared.append((cfg, base, search_space(cfg.space, base)))
+    return prepared
+
+
+@hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="sweep")
+def main(job: DictConfig) -> None:
+    prepared = studies(job)
+    sweep_cfg = prepared[0][0].sweep
+    sweep_dir = sweep_folder(sweep_cfg, [cfg.dataset.name for cfg, _, _ in prepared])
+    storage = optuna_storage(sweep_cfg, sweep_dir)
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")   # the objective is in the last report only
+    if not ray.is_initialized():
+        default_environment()
+        ray.init()                      # a local Ray, or the cluster RAY_ADDRESS names (ray job submit)
+    lines = []
+    for cfg, base, space in prepared:
+        results = sweep_dataset(cfg, base, space, sweep_dir, storage)
+        lines.append(summary(cfg.dataset.name, results, random_init_probe(base) if cfg.sweep.baseline else None))
+    report = write_report(sweep_dir, storage) if "://" not in sweep_dir else None
+    print("\n".join(["", *lines, f"sweep folder: {sweep_dir}", f"report: {report}",
+                     f"optuna-dashboard {storage}    tensorboard --logdir {sweep_dir}"]), flush=True)
+
+
+def register_sweep() -> None:
+    register()
+    ConfigStore.instance().store(name="sweep_schema", node=SweepJobConfig)
+
+
+register_sweep()
+
+if __name__ == "__main__":
+    main()
