@@ -1,11 +1,11 @@
-# make demo : set up .venv if needed, pretrain MetaMAE and MAE on the embedded digits, probe them
-#             beside a random-init encoder
-# make test : set up .venv if needed, run the test suite
+# make demo     : set up .venv if needed, run a small real sweep on the embedded digits (tune/sweep.py)
+# make test     : set up .venv if needed, run the test suite
+# make baselines: pretrain MetaMAE and MAE on the digits, probe them beside a random-init encoder
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test baselines bench install clean
 
 install: $(STAMP)
 
@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
+	$(PY) tune/sweep.py
+
+baselines: $(STAMP)
 	$(PY) -m metamae.pretrain baselines=true
 
 test: $(STAMP)
@@ -27,6 +30,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/step.py
+	$(PY) bench/scaling.py
+	$(PY) bench/sweep_overhead.py
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs sweeps
