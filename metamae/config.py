@@ -108,13 +108,18 @@ class ProbeConfig:
 
 
 @dataclass
-class PretrainConfig:
+class ExperimentConfig:
+    """One pretraining and its evaluation: what a run, or a sweep's trial, is made of."""
     dataset: DatasetConfig = MISSING
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+
+
+@dataclass
+class PretrainConfig(ExperimentConfig):
     out_dir: str = MISSING             # run folder: checkpoints, TensorBoard events, results
     baselines: bool = False            # also pretrain MAE and probe a random-init encoder
 

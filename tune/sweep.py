@@ -33,12 +33,11 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from metamae.config import (CONFIG_DIR, DatasetConfig, PretrainConfig, ProbeConfig, TrainConfig, TrainerConfig,
-                            register, to_object)
+from metamae.config import CONFIG_DIR, ExperimentConfig, PretrainConfig, register, to_object
 from metamae.data import load_dataset
 from metamae.distributed.trainer import default_environment, fit
 from metamae.linear_eval import linear_probe
-from metamae.model import MetaMAE, ModelConfig, ObjectiveConfig
+from metamae.model import MetaMAE
 from metamae.train import RunConfig
 from report import write_report
 
@@ -65,13 +64,7 @@ class SweepConfig:
 
 
 @dataclass
-class SweepJobConfig:
-    dataset: DatasetConfig = MISSING
-    model: ModelConfig = field(default_factory=ModelConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    probe: ProbeConfig = field(default_factory=ProbeConfig)
+class SweepJobConfig(ExperimentConfig):
     space: Dict[str, Any] = field(default_factory=dict)    # config key -> {dist, low, high} or {choices}
     sweep: SweepConfig = field(default_factory=SweepConfig)
     datasets: List[str] = field(default_factory=list)      # several datasets, one study each; []: `dataset`
