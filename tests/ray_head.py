@@ -43,7 +43,7 @@ def ray_head(work: Path, env: dict[str, str], port: int, dashboard_port: int, *o
          "--disable-usage-stats", *options],
         env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        out, _ = head.communicate(timeout=90)
+        out, _ = head.communicate(timeout=120)          # a minute and more when the machine is busy
         assert head.returncode == 0, out
         yield
     finally:

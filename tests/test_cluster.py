@@ -1,44 +1,53 @@
 """The cluster YAMLs: they pass the checks `ray up` makes before it calls the cloud, keep the dashboard
-private and token authentication on, and their node types autoscale. The last runs on Ray's fake
+private and token authentication on, and their node types autoscale. The last runs the real sweep
+(tune/sweep.py with sweep.autoscaling=true, so trainer.check_resources=false) on Ray's fake
 multi-node provider, with a config generated from cluster/aws-gpu.yaml (cluster/fake_cluster.py)
-and the YAML's start-up environment: two trials searched by Optuna, each needing a (fake) GPU that
-the head lacks, make the autoscaler add a one-GPU worker each, and the workers go away once idle.
+and the YAML's start-up environment. The head has no CPU, as in the YAML, so every trial's Tune
+driver and Ray Train worker must wait for a node that the autoscaler adds; they run there, and the
+worker goes away once it has been idle for the (shortened) idle timeout.
+
+Not exercised here: the GPU path. The machine has no GPU; the fake cluster turns the YAML's GPUs
+into the custom resource fake_GPU, which the sweep does not ask for, so the sweep runs on CPUs
+(trainer.use_gpu=false) and gets the smallest node type that holds its CPUs.
 
 The fake cluster is a `ray start --head` of its own (its own ports and temp dir, so that other Rays
 on the machine neither see nor disturb it), stopped by killing the processes of its session, never
-by `ray stop`, which would stop every Ray on the machine. The Tune driver runs in a subprocess (this
-file, run as a script): it gets the cluster's environment and this process keeps no Ray state.
+by `ray stop`, which would stop every Ray on the machine. The sweep runs in a subprocess, and so does
+every look at the cluster (this file, run as a script): they get the cluster's environment (its
+token), and this process keeps no Ray state.
 """
-import contextlib
+import asyncio
 import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `cluster` is a folder beside `tests`, not an installed package
 
-from cluster.fake_cluster import FAKE_GPU, fake_config, head_start_args, load, start_env  # noqa: E402
+from cluster.fake_cluster import fake_config, head_start_args, load, start_env  # noqa: E402
+from ray_head import ray_head  # noqa: E402
 
 YAMLS = sorted((ROOT / "cluster").glob("*.yaml"))
 AUTOSCALED = ROOT / "cluster" / "aws-gpu.yaml"
-PORT, CLIENT_PORT, DASHBOARD_PORT = 6390, 6391, 8275  # not Ray's defaults, which other tests' Rays use
+PORT, DASHBOARD_PORT = 6390, 8275  # not Ray's defaults, which other tests' Rays use
 # 12 s. With less, a worker that has just started can be found idle before its waiting trial lands.
 IDLE_TIMEOUT_MINUTES = 0.2
-TRIALS = 2
-# One trial's request, shaped like a Ray Train trial's: a bundle for the trainer and one for a GPU
-# worker. Only a one-GPU worker fits it. Swap in the sweep's request (with GPU spelled FAKE_GPU).
-TRIAL_BUNDLES = [{"CPU": 1}, {"CPU": 1, FAKE_GPU: 1}]
-BARRIER_TIMEOUT_S = 90
-DRIVER_TIMEOUT_S = 150
+TRIALS, STEPS = 2, 20
+SWEEP = ["sweep.autoscaling=true", f"sweep.num_samples={TRIALS}", f"train.steps={STEPS}", "train.log_every=10",
+         # No ASHA rung before the last step: both trials run to the end and report the objective.
+         f"sweep.grace_period={STEPS}", "probe.epochs=1", "sweep.baseline=false", "sweep.name=fake"]
+SWEEP_TIMEOUT_S = 300      # about 80 s on an idle machine; more when its 2 cores are shared
+REMOVAL_TIMEOUT_S = 60     # the idle timeout, the autoscaler's rounds and the node's shutdown
+LOOK_TIMEOUT_S = 30        # one look at the GCS's tables
 
 
 @pytest.mark.parametrize("path", YAMLS, ids=lambda p: p.name)
@@ -76,28 +85,6 @@ def test_providers_scale_alike():
     assert all(scaling(path) == scaling(AUTOSCALED) for path in YAMLS)
 
 
-def _session_pids(session: int) -> list[int]:
-    """The live processes of a session: those of the `ray start` that led it keep it."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        with contextlib.suppress(ProcessLookupError, FileNotFoundError):
-            if entry.name.isdigit() and os.getsid(int(entry.name)) == session:
-                if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":  # not a zombie
-                    pids.append(int(entry.name))
-    return pids
-
-
-def _kill_session(session: int) -> None:
-    """SIGKILL every process of the session, as `ray stop --force` does, but for this cluster only."""
-    deadline = time.monotonic() + 30
-    while (pids := _session_pids(session)) and time.monotonic() < deadline:
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.5)
-    assert not _session_pids(session), "processes of the fake cluster are left"
-
-
 @pytest.fixture
 def fake_cluster():
     """A fake cluster of AUTOSCALED's node types: yields its address, env, work folder and config."""
@@ -116,101 +103,125 @@ def fake_cluster():
         "RAY_FAKE_CLUSTER": "1",
         "AUTOSCALER_UPDATE_INTERVAL_S": "1",
     }
-    head = subprocess.Popen(
-        [Path(sys.executable).parent / "ray", "start", "--head", f"--port={PORT}",
-         f"--ray-client-server-port={CLIENT_PORT}", f"--dashboard-port={DASHBOARD_PORT}",
-         "--dashboard-agent-listen-port=0", f"--temp-dir={work / 'ray'}", "--disable-usage-stats",
-         f"--autoscaling-config={work / 'cluster.yaml'}", *head_start_args(config)],
-        env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        out, _ = head.communicate(timeout=60)
-        assert head.returncode == 0, out
-        yield address, env, work, config
+        with ray_head(work, env, PORT, DASHBOARD_PORT, f"--autoscaling-config={work / 'cluster.yaml'}",
+                      *head_start_args(config)):
+            yield address, env, work, config
     finally:
-        _kill_session(head.pid)
         shutil.rmtree(work, ignore_errors=True)
 
 
-def test_fake_cluster_grows_for_waiting_trials_and_shrinks_when_idle(fake_cluster):
+def test_fake_cluster_grows_for_the_sweep_and_shrinks_when_idle(fake_cluster):
     address, env, work, config = fake_cluster
-    driver = subprocess.run([sys.executable, __file__, address, str(work)], env=env, cwd=work,
-                            capture_output=True, text=True, timeout=DRIVER_TIMEOUT_S)
-    assert driver.returncode == 0, driver.stdout[-3000:] + driver.stderr[-3000:]
-    report = json.loads(driver.stdout.strip().splitlines()[-1])
+    env = {**env, "RAY_ADDRESS": address}
+    started = time.time()
+    sweep = subprocess.run([sys.executable, "tune/sweep.py", *SWEEP, f"sweep.dir={work / 'sweeps'}"], cwd=ROOT,
+                           env=env, capture_output=True, text=True, timeout=SWEEP_TIMEOUT_S)
+    ended = time.time()
+    assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-5000:]
+    # Both trials ran to the end and reported the objective (the final linear evaluation).
+    assert f"{TRIALS} finished, 0 stopped early, 0 failed" in sweep.stdout, sweep.stdout[-3000:]
+    table = pd.read_csv(work / "sweeps" / "fake" / "digits.csv")
+    assert list(table["outcome"]) == ["finished"] * TRIALS and table["objective"].notna().all()
+    assert list(table["step"]) == [STEPS] * TRIALS
 
-    # Both trials waited for resources at once (Tune's own cap, with a searcher, is 1), so the
-    # autoscaler saw both requests.
-    assert report["most_pending"] == TRIALS
-    # Each trial waited for the other, so they ran at the same time, each on a worker of its own that
-    # the autoscaler added: a one-GPU worker, the smallest node type the request fits.
-    trials = report["trials"]
-    assert len(trials) == TRIALS and all(trial["met"] == TRIALS for trial in trials)
-    assert len({trial["node"] for trial in trials} - {report["head"]}) == TRIALS
+    # Wait until the added workers are gone, then read the GCS's node and actor tables: they keep
+    # dead nodes and actors, with the node each actor ran on and when each started and ended.
+    look = subprocess.run([sys.executable, __file__, address, str(REMOVAL_TIMEOUT_S)], env=env, cwd=work,
+                          capture_output=True, text=True, timeout=REMOVAL_TIMEOUT_S + 3 * LOOK_TIMEOUT_S)
+    assert look.returncode == 0, look.stdout[-3000:] + look.stderr[-3000:]
+    history = json.loads(look.stdout.strip().splitlines()[-1])
+    nodes = {node["node_id"]: node for node in history["nodes"]}
+    head = [node for node in nodes.values() if node["is_head"]]
+    workers = [node for node in nodes.values() if not node["is_head"]]
+    assert len(head) == 1 and head[0]["alive"] and head[0]["resources"].get("CPU", 0) == 0
+
+    # The autoscaler added worker(s) while the sweep ran, of the YAML's smallest node type that
+    # holds the trials' CPUs (a one-GPU worker, its CPUs scaled down).
+    assert workers, "the autoscaler added no worker"
     gpu_1x = config["available_node_types"]["gpu_1x"]["resources"]
-    for trial in trials:
-        assert [trial["node_resources"][name] for name in ("CPU", FAKE_GPU)] == [gpu_1x["CPU"], gpu_1x[FAKE_GPU]]
-    # Once the trials were done, the workers were removed: not before the idle timeout, but soon.
-    assert report["workers_removed_at"] is not None, "the idle workers were not removed"
-    assert report["workers_removed_at"] - max(trial["done_at"] for trial in trials) >= IDLE_TIMEOUT_MINUTES * 60
+    for node in workers:
+        assert node["type"] == "gpu_1x" and node["resources"]["CPU"] == gpu_1x["CPU"], node
+        assert started < node["start"] < ended, node
+
+    # Everything of the sweep that asked for CPUs ran on those workers: each trial's Tune driver
+    # (sweep.trial_cpus) and its Ray Train worker (trainer.cpus_per_worker).
+    on_cpus = [actor for actor in history["actors"] if actor["cpus"] > 0]
+    assert sorted((actor["class"], actor["cpus"]) for actor in on_cpus) == (
+        [("ImplicitFunc", 0.1)] * TRIALS + [("RayTrainWorker", 0.5)] * TRIALS), on_cpus
+    assert all(nodes[actor["node"]] in workers for actor in on_cpus), on_cpus
+
+    # Once idle, the workers were removed: not before the idle timeout, but soon after the sweep.
+    left = [node for node in workers if node["alive"]]
+    assert not left, ("the idle workers were not removed; why the autoscaler keeps them: "
+                      f"{[node['activity'] for node in left]}; actors alive on them: "
+                      f"{[a for a in history['actors'] if a['state'] == 'ALIVE' and nodes.get(a['node']) in left]}")
+    for node in workers:
+        last_use = max(actor["end"] for actor in on_cpus if actor["node"] == node["node_id"])
+        assert node["end"] - last_use >= IDLE_TIMEOUT_MINUTES * 60, node
+        assert node["end"] < ended + REMOVAL_TIMEOUT_S + LOOK_TIMEOUT_S, node
 
 
-# ---------------------------------------------------------------- the driver, run as a subprocess
-def _trial(config, barrier: str):
-    """Wait until all TRIALS trials run, then report the node this one runs on and its resources."""
+# ---------------------------------------------------------------- a look at the cluster, run as a subprocess
+def _cancel_leftover_train_reservations() -> list[str]:
+    """Cancel the reservations that Ray Train runs left with the autoscaler; return their requesters.
+
+    A Ray Train V2 run asks the cluster's AutoscalingCoordinator actor for its workers' resources,
+    which passes them on as `request_resources`, and cancels the request when it shuts down. A run
+    whose Tune trial is stopped (ASHA stops every trial at max_t = train.steps) is killed instead,
+    and its request stays until it expires, 180 s later; the autoscaler removes no node that such a
+    request needs. The real YAML's idle timeout (5 min) outlasts that; the test's 12 s does not.
+    """
     import ray
-    from ray import tune
 
-    (Path(barrier) / tune.get_context().get_trial_id()).touch()
-    deadline = time.monotonic() + BARRIER_TIMEOUT_S
-    while len(list(Path(barrier).iterdir())) < TRIALS and time.monotonic() < deadline:
+    ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+    try:
+        try:
+            coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+        except ValueError:
+            return []  # no Train run asked
+        requesters = ray.get(coordinator.__ray_call__.remote(lambda self: list(self._ongoing_reqs)),
+                             timeout=LOOK_TIMEOUT_S)
+        ray.get([coordinator.cancel_request.remote(requester) for requester in requesters], timeout=LOOK_TIMEOUT_S)
+        return requesters
+    finally:
+        ray.shutdown()
+
+
+def _history(address: str, wait_s: float) -> dict:
+    """The cluster's nodes and actors, dead ones included, once no worker is left (or wait_s passed)."""
+    import ray._raylet
+    from ray.autoscaler.v2.sdk import get_cluster_resource_state
+    from ray.core.generated.gcs_pb2 import ActorTableData, GcsNodeInfo
+
+    cancelled = _cancel_leftover_train_reservations()
+    gcs = ray._raylet.GcsClient(address=address)
+    alive = GcsNodeInfo.GcsNodeState.ALIVE
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        infos = gcs.get_all_node_info(timeout=LOOK_TIMEOUT_S)
+        if not [info for info in infos.values() if info.state == alive and not info.is_head_node]:
+            break
         time.sleep(0.5)
-    node = ray.get_runtime_context().get_node_id()
-    resources = next(n["Resources"] for n in ray.nodes() if n["NodeID"] == node)
-    tune.report({"node": node, "node_resources": resources, "met": len(list(Path(barrier).iterdir())),
-                 "done_at": time.time()})
+    infos = gcs.get_all_node_info(timeout=LOOK_TIMEOUT_S)
+    # The raylets' reasons for not being idle, as the autoscaler reads them.
+    activity = {state.node_id.hex(): list(state.node_activity) for state in get_cluster_resource_state(gcs).node_states}
 
+    async def actors():
+        return await gcs.async_get_all_actor_info(timeout=LOOK_TIMEOUT_S)
 
-def _most_pending_callback():
-    from ray import tune
+    def cpus(resources):  # an actor in a placement group asks for CPU_group_<bundle>_<group>
+        return max([amount for name, amount in resources.items() if name.split("_group_")[0] == "CPU"], default=0)
 
-    class MostPending(tune.Callback):
-        """Counts the most trials that waited for resources at once."""
-        most = 0
-
-        def on_step_begin(self, iteration, trials, **info):
-            self.most = max(self.most, sum(trial.status == "PENDING" for trial in trials))
-
-    return MostPending()
-
-
-def _drive(address: str, work: Path) -> dict:
-    """Run TRIALS trials searched by Optuna, as the sweep does, then wait for the workers to go."""
-    import ray
-    from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
-
-    ray.init(address=address, log_to_driver=False)
-    head = ray.get_runtime_context().get_node_id()  # the driver's node, the only one at the start
-    (work / "barrier").mkdir()
-    pending = _most_pending_callback()
-    tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(_trial, barrier=str(work / "barrier")),
-                            tune.PlacementGroupFactory(TRIAL_BUNDLES)),
-        param_space={"x": tune.uniform(0, 1)},  # something for Optuna to suggest
-        tune_config=tune.TuneConfig(search_alg=OptunaSearch(metric="met", mode="max"), num_samples=TRIALS),
-        run_config=tune.RunConfig(storage_path=str(work / "results"), callbacks=[pending], verbose=0),
-    )
-    results = tuner.fit()
-    removed_at = None
-    deadline = time.monotonic() + 60
-    while removed_at is None and time.monotonic() < deadline:
-        if not [node for node in ray.nodes() if node["Alive"] and node["NodeID"] != head]:
-            removed_at = time.time()
-        time.sleep(0.5)
-    keys = ("node", "node_resources", "met", "done_at")
-    return {"head": head, "most_pending": pending.most, "workers_removed_at": removed_at,
-            "trials": [{key: result.metrics[key] for key in keys} for result in results]}
+    nodes = [{"node_id": info.node_id.hex(), "is_head": info.is_head_node, "alive": info.state == alive,
+              "type": info.node_type_name, "resources": dict(info.resources_total),
+              "start": info.start_time_ms / 1000, "end": info.end_time_ms / 1000,
+              "activity": activity.get(info.node_id.hex(), [])} for info in infos.values()]
+    return {"cancelled": cancelled, "nodes": nodes, "actors": [
+        {"class": actor.class_name, "node": actor.node_id.hex(), "cpus": cpus(actor.required_resources),
+         "state": ActorTableData.ActorState.Name(actor.state), "end": actor.end_time / 1000}
+        for actor in asyncio.run(actors()).values()]}
 
 
 if __name__ == "__main__":
-    print(json.dumps(_drive(sys.argv[1], Path(sys.argv[2]))))
+    print(json.dumps(_history(sys.argv[1], float(sys.argv[2]))))

@@ -219,6 +219,17 @@ def compose_for(dataset: str) -> DictConfig:
     return hydra.compose(config_name="sweep", overrides=[*overrides, f"dataset={dataset}"])
 
 
+def pin_train_coordinator_here() -> None:
+    """Create Ray Train's detached AutoscalingCoordinator actor on this (the head's) node now.
+
+    Train V2 creates it with the first run, on that run's node: a worker node, which the autoscaler
+    then never removes because a detached actor lives there. Created here first, Train reuses it.
+    (A private Ray API, as of Ray 2.60.)
+    """
+    from ray.data._internal.cluster_autoscaler import get_or_create_autoscaling_coordinator
+    ray.get(get_or_create_autoscaling_coordinator().__ray_ready__.remote())
+
+
 def random_init_probe(base: dict[str, Any]) -> float:
     """The final linear evaluation of a random-init encoder: what pretraining has to beat."""
     cfg = trial_config(base, {}, out_dir="unused")
@@ -265,6 +276,8 @@ def main(job: DictConfig) -> None:
     if not ray.is_initialized():
         default_environment()
         ray.init()                      # a local Ray, or the cluster RAY_ADDRESS names (ray job submit)
+    if sweep_cfg.autoscaling:
+        pin_train_coordinator_here()
     lines = []
     for cfg, base, space in prepared:
         results = sweep_dataset(cfg, base, space, sweep_dir, storage)
