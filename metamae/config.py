@@ -17,7 +17,9 @@ from metamae.model import ModelConfig, ObjectiveConfig
 from metamae.modality import Spec, spec_from_dict
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
-METRICS = ("accuracy", "binary_accuracy", "weighted_f1", "auroc", "spearman", "pearson")
+# Each dataset metric and whether a sweep maximises or minimises it (every one is better higher).
+METRICS = {"accuracy": "max", "binary_accuracy": "max", "weighted_f1": "max", "auroc": "max", "spearman": "max",
+           "pearson": "max"}
 SOURCES = ("digits", "synthetic", "shards")
 
 

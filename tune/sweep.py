@@ -33,7 +33,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from metamae.config import CONFIG_DIR, ExperimentConfig, PretrainConfig, register, to_object
+from metamae.config import CONFIG_DIR, METRICS, ExperimentConfig, PretrainConfig, register, to_object
 from metamae.data import load_dataset
 from metamae.distributed.trainer import default_environment, fit
 from metamae.linear_eval import linear_probe
@@ -41,7 +41,6 @@ from metamae.model import MetaMAE
 from metamae.train import RunConfig
 from report import write_report
 
-MODE = "max"                  # every dataset metric (accuracy, F1, AUROC, correlation) is better higher
 DISTRIBUTIONS = {"loguniform": tune.loguniform, "uniform": tune.uniform, "int": tune.randint}
 
 
@@ -93,7 +92,8 @@ def search_space(space: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
         if OmegaConf.select(OmegaConf.create(base), key, default=MISSING) is MISSING:
             raise ValueError(f"space.{key}: {key!r} is not a config key (see configs/sweep.yaml)")
         if not isinstance(spec, dict):
-            raise ValueError(f"space.{key} is {spec!r}; expected {{dist: ..., low: ..., high: ...}} or {{choices: [...]}}")
+            raise ValueError(f"space.{key} is {spec!r}; expected {{dist: ..., low: ..., high: ...}} "
+                             f"or {{choices: [...]}}")
         if "choices" in spec:
             distributions[key] = tune.choice(list(spec["choices"]))
         elif spec.get("dist") in DISTRIBUTIONS and {"low", "high"} <= set(spec):
@@ -180,10 +180,11 @@ def sweep_dataset(cfg: SweepJobConfig, base: dict[str, Any], space: dict[str, An
     if cfg.resume:
         raise FileNotFoundError(f"resume=true, and there is no sweep to resume at {experiment}")
     first = {key: OmegaConf.select(OmegaConf.create(base), key) for key in space}
+    mode = METRICS[cfg.dataset.metric]
     searcher = FinalReportOptunaSearch(
-        metric="objective", mode=MODE, points_to_evaluate=[first], sampler=optuna.samplers.TPESampler(seed=cfg.sweep.seed),
-        storage=optuna.storages.RDBStorage(storage), study_name=name)
-    scheduler = ASHAScheduler(metric="probe", mode=MODE, time_attr="step", max_t=cfg.train.steps,
+        metric="objective", mode=mode, points_to_evaluate=[first], study_name=name,
+        sampler=optuna.samplers.TPESampler(seed=cfg.sweep.seed), storage=optuna.storages.RDBStorage(storage))
+    scheduler = ASHAScheduler(metric="probe", mode=mode, time_attr="step", max_t=cfg.train.steps,
                               grace_period=cfg.sweep.grace_period, reduction_factor=cfg.sweep.reduction_factor)
     concurrent = concurrent_trials(cfg)
     if cfg.sweep.autoscaling:     # Tune fixes its cap on waiting trials at start (ray-project/ray#43451)
@@ -252,11 +253,13 @@ def summary(name: str, results: tune.ResultGrid, baseline: Optional[float]) -> s
 
 def studies(job: DictConfig) -> list[tuple[SweepJobConfig, dict[str, Any], dict[str, Any]]]:
     """Per dataset: the typed config, the base config every trial starts from, the search space;
-    every key and value checked before anything starts."""
+    every key, value and dataset checked before anything starts."""
     prepared = []
     for name in list(job.datasets) or [job.dataset.name]:
         composed = compose_for(name) if job.datasets else job
         cfg = to_object(composed)
+        _, dataset = load_dataset(cfg.dataset, seed=cfg.train.seed)     # its shards are there; its metric
+        cfg = replace(cfg, dataset=dataset)
         base = OmegaConf.to_container(composed, resolve=True)
         for key in ("space", "sweep", "datasets", "resume"):
             base.pop(key)

@@ -181,7 +181,8 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
                 metrics["probe"] = online_probe(model, data, dataset, trainer.probe_examples)
                 if best is None or metrics["probe"] > best:
                     best = metrics["probe"]
-                    save_checkpoint(out_dir / BEST / FILENAME, model, optimizer, step, run.to_dict(), best_probe=best)
+                    save_checkpoint(out_dir / BEST / FILENAME, model, optimizer, step, run.to_dict(),
+                                    best_probe=best)
             if last and rank == 0:
                 result = linear_probe(model, data, dataset, probe)
                 metrics.update(objective=result.test, objective_train=result.train)
@@ -232,8 +233,8 @@ def worker_batches(data, run: RunConfig, rank: int, world: int, step: int) -> It
         split = data.split(run.dataset.pretrain_split)
         while True:
             step += 1
-            rows = batch_indices(len(split), run.dataset.batch_size, cfg.seed, step)[rank * local:(rank + 1) * local]
-            yield to_tensors(split.take(rows).x)
+            rows = batch_indices(len(split), run.dataset.batch_size, cfg.seed, step)
+            yield to_tensors(split.take(rows[rank * local:(rank + 1) * local]).x)
     shard = ray.train.get_dataset_shard(PRETRAIN)
     stream = StreamConfig(batch_size=local)
     for epoch in range(step, step + 10**9):
