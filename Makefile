@@ -26,7 +26,7 @@ baselines: $(STAMP)
 	$(PY) -m metamae.pretrain baselines=true
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 bench: $(STAMP)
 	$(PY) bench/step.py

@@ -95,7 +95,7 @@ def cli(module: str, *overrides: str) -> subprocess.CompletedProcess:
 
 def test_pretrain_and_evaluate_commands(tmp_path):
     run = cli("metamae.pretrain", "dataset=digits", "model=tiny", "train.steps=20", "probe.epochs=2",
-              "baselines=true", f"out_dir={tmp_path}")
+              "baselines=true", "trainer.ray=false", f"out_dir={tmp_path}")
     assert run.returncode == 0, run.stderr
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results) == {"metamae", "mae", "random_init"}
