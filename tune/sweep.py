@@ -24,7 +24,6 @@ from typing import Any, Dict, List, Optional
 import hydra
 import optuna
 import ray
-import torch
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -37,7 +36,7 @@ from metamae.config import CONFIG_DIR, METRICS, ExperimentConfig, PretrainConfig
 from metamae.data import load_dataset
 from metamae.distributed.trainer import default_environment, fit
 from metamae.linear_eval import linear_probe
-from metamae.model import MetaMAE
+from metamae.pretrain import random_init_encoder
 from metamae.train import RunConfig
 from report import write_report
 
@@ -235,8 +234,7 @@ def random_init_probe(base: dict[str, Any]) -> float:
     """The final linear evaluation of a random-init encoder: what pretraining has to beat."""
     cfg = trial_config(base, {}, out_dir="unused")
     data, dataset = load_dataset(cfg.dataset, seed=cfg.train.seed)
-    torch.manual_seed(cfg.train.seed)
-    return linear_probe(MetaMAE(data.spec, cfg.model, cfg.objective), data, dataset, cfg.probe).test
+    return linear_probe(random_init_encoder(data, cfg), data, dataset, cfg.probe).test
 
 
 def summary(name: str, results: tune.ResultGrid, baseline: Optional[float]) -> str:
