@@ -28,13 +28,13 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, DictConfig, OmegaConf
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from metamae.config import CONFIG_DIR, METRICS, ExperimentConfig, PretrainConfig, register, to_object
 from metamae.data import load_dataset
 from metamae.distributed.trainer import default_environment, fit
+from metamae.distributed.tune_reports import report_to_tune
 from metamae.linear_eval import linear_probe
 from metamae.pretrain import random_init_encoder
 from metamae.train import RunConfig
@@ -119,8 +119,9 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], out_dir: str) -> 
 
 def run_trial(params: dict[str, Any], base: dict[str, Any], runs_dir: str) -> None:
     """A Tune trial: pretrain with the trial's values on its own Train workers; every Train report
-    goes on to Tune. The run's folder is RUNS_DIR/<trial id>: checkpoints, TensorBoard events and
-    results, found again by a rerun of the trial after a failure or a resumed sweep."""
+    goes on to Tune (metamae/distributed/tune_reports.py). The run's folder is RUNS_DIR/<trial id>: checkpoints,
+    TensorBoard events and results, found again by a rerun of the trial after a failure or a resumed
+    sweep."""
     context = tune.get_context()
     if "://" in runs_dir:     # checkpoints to the bucket; TensorBoard events stay beside the trial
         out_dir, storage = Path(context.get_trial_dir()) / context.get_trial_id(), runs_dir
@@ -129,7 +130,7 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], runs_dir: str) -> No
     cfg = trial_config(base, params, str(out_dir))
     run = RunConfig(cfg.dataset, cfg.model, cfg.objective, cfg.train)
     trainer = replace(cfg.trainer, storage=storage) if storage else cfg.trainer
-    fit(run, cfg.probe, trainer, out_dir, callbacks=[TuneReportCallback()])
+    report_to_tune(lambda reports: fit(run, cfg.probe, trainer, out_dir, callbacks=[reports]))
 
 
 class FinalReportOptunaSearch(OptunaSearch):

@@ -59,7 +59,7 @@ def fit(run: RunConfig, probe: ProbeConfig, trainer: TrainerConfig, out_dir: Pat
     """Pretrain with Ray Train into `out_dir`, evaluate, and return the Train result.
 
     The same out_dir resumes from its latest checkpoint. `callbacks` are Ray Train run callbacks
-    (a Tune trial passes TuneReportCallback).
+    (a Tune trial passes one that hands the reports to Tune, tune_reports.py).
     """
     out_dir = Path(out_dir).resolve()
     if run.dataset.batch_size % trainer.num_workers:
