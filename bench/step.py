@@ -41,7 +41,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from metamae.modality import ImageSpec, TimeSeriesSpec  # noqa: E402
+from metamae.config import TrainConfig  # noqa: E402
 from metamae.model import MetaMAE, ModelConfig, ObjectiveConfig  # noqa: E402
+from metamae.train import make_optimizer  # noqa: E402
 
 THREADS, WARMUP, MATMUL_N, CONTENDED = 2, 3, 2048, 0.05
 
@@ -109,7 +111,7 @@ def build(shape: str, method: str, batch: int):
     objective = ObjectiveConfig(mask_ratio=mask_ratio, contrastive_weight=weight, inner_lr=0.5,
                                 **METHODS[method])
     model = MetaMAE(spec, ModelConfig(), objective).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
+    optimizer = make_optimizer(model, TrainConfig(lr=1e-4, weight_decay=1e-4))    # the training loop's
     return model, optimizer, torch.randn(batch, *dims)
 
 

@@ -14,7 +14,7 @@ from metamae.config import DatasetConfig, TrainConfig
 from metamae.data.arrays import Split, batches
 from metamae.data.digits import digits
 from metamae.model import ModelConfig, ObjectiveConfig
-from metamae.train import NonFiniteLoss, RunConfig, pretrain
+from metamae.train import NonFiniteLoss, RunConfig, make_optimizer, pretrain, restore_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ModelConfig(enc_width=32, enc_depth=2, enc_heads=4, dec_width=16, dec_depth=1, dec_heads=2)
@@ -57,6 +57,18 @@ def test_a_run_resumes_from_its_checkpoint_at_its_step_and_saves_what_it_trained
     for (name, a), b in zip(resumed.state_dict().items(), reloaded.state_dict().values()):
         assert torch.equal(a, b), name
     assert not list((tmp_path / "resumed").glob("*.tmp"))
+
+
+def test_a_restored_optimizer_keeps_the_checkpoints_moments_and_this_runs_settings():
+    model = torch.nn.Linear(3, 2)
+    saved = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.5)
+    model(torch.randn(4, 3)).sum().backward()
+    saved.step()
+    optimizer = make_optimizer(model, TrainConfig(lr=1e-3, weight_decay=1e-4))
+    restore_optimizer(optimizer, saved.state_dict())
+    (group,) = optimizer.param_groups
+    assert (group["lr"], group["weight_decay"], group["fused"]) == (1e-3, 1e-4, True)
+    assert torch.equal(optimizer.state[model.weight]["exp_avg"], saved.state[model.weight]["exp_avg"])
 
 
 def test_resuming_with_another_model_config_is_refused(tmp_path):

@@ -145,7 +145,7 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     ddp = ray.train.torch.prepare_model(model)               # DDP over the workers; on this device
     optimizer = make_optimizer(model, cfg)
     if state["optimizer"] is not None:
-        restore_optimizer(optimizer, state["optimizer"], cfg)
+        restore_optimizer(optimizer, state["optimizer"])
     step, best = state["step"], state["best_probe"]
     resumed_from = step
 
