@@ -119,9 +119,9 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], out_dir: str) -> 
 
 def run_trial(params: dict[str, Any], base: dict[str, Any], runs_dir: str) -> None:
     """A Tune trial: pretrain with the trial's values on its own Train workers; every Train report
-    goes on to Tune (metamae/distributed/tune_reports.py). The run's folder is RUNS_DIR/<trial id>: checkpoints,
-    TensorBoard events and results, found again by a rerun of the trial after a failure or a resumed
-    sweep."""
+    goes on to Tune (metamae/distributed/tune_reports.py). The run's folder is RUNS_DIR/<trial id>:
+    checkpoints, TensorBoard events and results, found again by a rerun of the trial after a failure
+    or a resumed sweep."""
     context = tune.get_context()
     if "://" in runs_dir:     # checkpoints to the bucket; TensorBoard events stay beside the trial
         out_dir, storage = Path(context.get_trial_dir()) / context.get_trial_id(), runs_dir
