@@ -40,8 +40,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from metamae.modality import ImageSpec, TimeSeriesSpec  # noqa: E402
 from metamae.config import TrainConfig  # noqa: E402
+from metamae.modality import ImageSpec, TimeSeriesSpec  # noqa: E402
 from metamae.model import MetaMAE, ModelConfig, ObjectiveConfig  # noqa: E402
 from metamae.train import make_optimizer  # noqa: E402
 
