@@ -10,6 +10,13 @@ loss = model(x).total, backward, optimizer step.
   it counts matmuls, convolutions and attention, not element-wise ops or the optimizer).
 - GFLOP/s: GFLOP / median seconds, also as a fraction of a 2048 × 2048 float32 matmul's GFLOP/s
   measured in the same run (median of 10 after 3 warm-ups).
+- breakdown: where a step's time goes, from torch.profiler over 3 further steps (self CPU time):
+  the matrix products (mm, addmm, bmm, convolutions: everything the FLOP count counts) and their
+  GFLOP/s, dropout's mask draws (bernoulli_), and everything else, each as a share of the step.
+- paired ratios: the step time of each method over MAE's, measured in one process that holds every
+  method's model and runs one step of each in turn (--steps rounds after the warm-up): the median of
+  the per-round ratios. The machine's speed drifts by ±20 % over minutes; a ratio of two medians
+  taken minutes apart in separate processes carries that drift, a per-round ratio does not.
 - memory: each configuration runs in its own subprocess (this script re-invoked with --config).
   peak_rss_mb is that process's VmHWM (peak resident set, from /proc/self/status) after the
   timed steps; setup_rss_mb is its VmRSS once the model, optimizer and batch exist; step_extra_mb
@@ -45,7 +52,10 @@ from metamae.modality import ImageSpec, TimeSeriesSpec  # noqa: E402
 from metamae.model import MetaMAE, ModelConfig, ObjectiveConfig  # noqa: E402
 from metamae.train import make_optimizer  # noqa: E402
 
-THREADS, WARMUP, MATMUL_N, CONTENDED = 2, 3, 2048, 0.05
+THREADS, WARMUP, MATMUL_N, CONTENDED, PROFILED_STEPS = 2, 3, 2048, 0.05, 3
+MATRIX_PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::mkldnn_convolution",
+                   "aten::convolution_backward"}
+DROPOUT_DRAWS = {"aten::bernoulli_"}
 
 # shape -> (spec, input shape without the batch, mask ratio, contrastive weight)
 SHAPES = {
@@ -121,32 +131,70 @@ def training_step(model, optimizer, x) -> None:
     optimizer.step()
 
 
+def breakdown(step, gflop: float) -> dict:
+    """Shares of a step's self CPU time: matrix products, dropout's draws, the rest (profiled)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        for _ in range(PROFILED_STEPS):
+            step()
+    events = profiler.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    products = sum(e.self_cpu_time_total for e in events if e.key in MATRIX_PRODUCTS)
+    draws = sum(e.self_cpu_time_total for e in events if e.key in DROPOUT_DRAWS)
+    return {"matrix_products_share": products / total, "dropout_draws_share": draws / total,
+            "other_share": (total - products - draws) / total,
+            "matrix_products_gflop_per_s": gflop / (products / 1e6 / PROFILED_STEPS)}
+
+
 def measure_config(shape: str, method: str, batch: int, steps: int) -> dict:
-    """One configuration, in this process: time, memory, then FLOPs (counting is slow)."""
+    """One configuration, in this process: time, memory, then FLOPs and the profile (both slow)."""
     torch.manual_seed(0)
     model, optimizer, x = build(shape, method, batch)
+    step = lambda: training_step(model, optimizer, x)    # noqa: E731
     setup_rss = proc_status_mb("VmRSS")
-    stats = timed(lambda: training_step(model, optimizer, x), steps)
+    stats = timed(step, steps)
     peak_rss = proc_status_mb("VmHWM")
     with FlopCounterMode(display=False) as counter:
-        training_step(model, optimizer, x)
+        step()
     gflop = counter.get_total_flops() / 1e9
     return {**stats, "gflop": gflop, "gflop_per_s": gflop / (stats["ms_median"] / 1e3),
-            "setup_rss_mb": setup_rss, "peak_rss_mb": peak_rss, "step_extra_mb": peak_rss - setup_rss}
+            "setup_rss_mb": setup_rss, "peak_rss_mb": peak_rss, "step_extra_mb": peak_rss - setup_rss,
+            "breakdown": breakdown(step, gflop)}
 
 
-def measure_in_subprocess(shape: str, method: str, batch: int, steps: int) -> dict:
-    command = [sys.executable, __file__, "--config", f"{shape}:{method}",
-               "--batch", str(batch), "--steps", str(steps)]
+def measure_paired(shape: str, methods: list[str], batch: int, rounds: int) -> dict:
+    """Every method's model in this process, one step of each in turn: per method, the median of
+    its per-round time over MAE's (MAE must be among the methods)."""
+    steps = {}
+    for method in methods:
+        torch.manual_seed(0)
+        model, optimizer, x = build(shape, method, batch)
+        steps[method] = lambda model=model, optimizer=optimizer, x=x: training_step(model, optimizer, x)
+    for step in steps.values():
+        for _ in range(WARMUP):
+            step()
+    times = {method: [] for method in methods}
+    for _ in range(rounds):
+        for method, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[method].append(time.perf_counter() - start)
+    return {method: statistics.median(t / m for t, m in zip(times[method], times["mae"]))
+            for method in methods if method != "mae"}
+
+
+def in_subprocess(flag: str, value: str, batch: int, steps: int):
+    """This script re-invoked with `flag value` (a fresh process: its own peak memory)."""
+    command = [sys.executable, __file__, flag, value, "--batch", str(batch), "--steps", str(steps)]
     return json.loads(subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout)
 
 
-def ratios(results: dict) -> dict:
-    """Per method: time and FLOPs relative to MAE (only if MAE was measured)."""
-    if "mae" not in results:
+def ratios(shape: str, results: dict, batch: int, steps: int) -> dict:
+    """Per method: paired time and FLOPs relative to MAE (only if MAE was measured)."""
+    if "mae" not in results or len(results) == 1:
         return {}
-    mae = results["mae"]
-    return {f"{m}_over_mae": {"time": r["ms_median"] / mae["ms_median"], "flop": r["gflop"] / mae["gflop"]}
+    paired = in_subprocess("--paired", f"{shape}:{','.join(results)}", batch, steps)
+    return {f"{m}_over_mae": {"time_paired": paired[m], "time_of_medians": r["ms_median"] / results["mae"]["ms_median"],
+                              "flop": r["gflop"] / results["mae"]["gflop"]}
             for m, r in results.items() if m != "mae"}
 
 
@@ -164,6 +212,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--config", help=argparse.SUPPRESS)    # shape:method; internal, one subprocess
+    p.add_argument("--paired", help=argparse.SUPPRESS)    # shape:method,method,...; internal
     return p.parse_args()
 
 
@@ -173,16 +222,22 @@ def main() -> None:
     if args.config:
         print(json.dumps(measure_config(*args.config.split(":"), args.batch, args.steps)))
         return
+    if args.paired:
+        shape, methods = args.paired.split(":")
+        print(json.dumps(measure_paired(shape, methods.split(","), args.batch, args.steps)))
+        return
     matmul = matmul_baseline(args.steps)
     setup = {"torch": torch.__version__, "threads": THREADS, "cpu": cpu_model(), "cpus": os.cpu_count(),
              "batch": args.batch, "warmup": WARMUP, "steps": args.steps}
     report = {"setup": setup, "matmul_2048": matmul, "shapes": {}}
     for shape in args.shapes.split(","):
-        results = {method: measure_in_subprocess(shape, method, args.batch, args.steps)
+        results = {method: in_subprocess("--config", f"{shape}:{method}", args.batch, args.steps)
                    for method in args.methods.split(",")}
         for r in results.values():
             r["fraction_of_matmul"] = r["gflop_per_s"] / matmul["gflop_per_s"]
-        report["shapes"][shape] = {"methods": results, "ratios": ratios(results)}
+            r["breakdown"]["matrix_products_fraction_of_matmul"] = (
+                r["breakdown"]["matrix_products_gflop_per_s"] / matmul["gflop_per_s"])
+        report["shapes"][shape] = {"methods": results, "ratios": ratios(shape, results, args.batch, args.steps)}
     report["contended"] = [name for name, r in measurements(report) if r["other_cpu_share"] > CONTENDED]
     print(json.dumps(report, indent=2))
 
