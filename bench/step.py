@@ -34,6 +34,7 @@ Everything runs with torch.set_num_threads(2). Prints one JSON object to stdout.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -149,7 +150,7 @@ def measure_config(shape: str, method: str, batch: int, steps: int) -> dict:
     """One configuration, in this process: time, memory, then FLOPs and the profile (both slow)."""
     torch.manual_seed(0)
     model, optimizer, x = build(shape, method, batch)
-    step = lambda: training_step(model, optimizer, x)    # noqa: E731
+    step = functools.partial(training_step, model, optimizer, x)
     setup_rss = proc_status_mb("VmRSS")
     stats = timed(step, steps)
     peak_rss = proc_status_mb("VmHWM")
@@ -168,7 +169,7 @@ def measure_paired(shape: str, methods: list[str], batch: int, rounds: int) -> d
     for method in methods:
         torch.manual_seed(0)
         model, optimizer, x = build(shape, method, batch)
-        steps[method] = lambda model=model, optimizer=optimizer, x=x: training_step(model, optimizer, x)
+        steps[method] = functools.partial(training_step, model, optimizer, x)
     for step in steps.values():
         for _ in range(WARMUP):
             step()
