@@ -11,8 +11,8 @@ loss = model(x).total, backward, optimizer step.
 - GFLOP/s: GFLOP / median seconds, also as a fraction of a 2048 × 2048 float32 matmul's GFLOP/s
   measured in the same run (median of 10 after 3 warm-ups).
 - breakdown: where a step's time goes, from torch.profiler over 3 further steps (self CPU time):
-  the matrix products (mm, addmm, bmm, convolutions: everything the FLOP count counts) and their
-  GFLOP/s, dropout's mask draws (bernoulli_), and everything else, each as a share of the step.
+  the matrix products (mm, addmm, bmm, convolutions, fused attention: what the FLOP count counts)
+  and their GFLOP/s, dropout's mask draws (bernoulli_), and everything else, each as a share of the step.
 - paired ratios: the step time of each method over MAE's, measured in one process that holds every
   method's model and runs one step of each in turn (--steps rounds after the warm-up): the median of
   the per-round ratios. The machine's speed drifts by ±20 % over minutes; a ratio of two medians
@@ -55,7 +55,8 @@ from metamae.train import make_optimizer  # noqa: E402
 
 THREADS, WARMUP, MATMUL_N, CONTENDED, PROFILED_STEPS = 2, 3, 2048, 0.05, 3
 MATRIX_PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::mkldnn_convolution",
-                   "aten::convolution_backward"}
+                   "aten::convolution_backward", "aten::_scaled_dot_product_flash_attention_for_cpu",
+                   "aten::_scaled_dot_product_flash_attention_for_cpu_backward"}
 DROPOUT_DRAWS = {"aten::bernoulli_"}
 
 # shape -> (spec, input shape without the batch, mask ratio, contrastive weight)
@@ -194,8 +195,9 @@ def ratios(shape: str, results: dict, batch: int, steps: int) -> dict:
     if "mae" not in results or len(results) == 1:
         return {}
     paired = in_subprocess("--paired", f"{shape}:{','.join(results)}", batch, steps)
-    return {f"{m}_over_mae": {"time_paired": paired[m], "time_of_medians": r["ms_median"] / results["mae"]["ms_median"],
-                              "flop": r["gflop"] / results["mae"]["gflop"]}
+    mae = results["mae"]
+    return {f"{m}_over_mae": {"time_paired": paired[m], "time_of_medians": r["ms_median"] / mae["ms_median"],
+                              "flop": r["gflop"] / mae["gflop"]}
             for m, r in results.items() if m != "mae"}
 
 
@@ -238,7 +240,8 @@ def main() -> None:
             r["fraction_of_matmul"] = r["gflop_per_s"] / matmul["gflop_per_s"]
             r["breakdown"]["matrix_products_fraction_of_matmul"] = (
                 r["breakdown"]["matrix_products_gflop_per_s"] / matmul["gflop_per_s"])
-        report["shapes"][shape] = {"methods": results, "ratios": ratios(shape, results, args.batch, args.steps)}
+        report["shapes"][shape] = {"methods": results,
+                                   "ratios": ratios(shape, results, args.batch, args.steps)}
     report["contended"] = [name for name, r in measurements(report) if r["other_cpu_share"] > CONTENDED]
     print(json.dumps(report, indent=2))
 
