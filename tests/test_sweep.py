@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -53,16 +54,18 @@ def test_a_killed_sweep_resumes_keeping_finished_trials_and_the_study_history(he
     env = {**env, "RAY_ADDRESS": f"127.0.0.1:{PORT}"}
     sweep_dir = tmp_path / "killed"
     command = sweep_command(sweep_dir, "sweep.num_samples=12")
-    driver = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "killed-driver.log"
+    with log.open("w") as out:
+        driver = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True, stdout=out, stderr=out)
     try:
         deadline = time.time() + 400
         while len([t for t in study_trials(sweep_dir) if t.state.is_finished()]) < 3:
-            assert driver.poll() is None, "the sweep ended before it could be killed"
+            assert driver.poll() is None, f"the sweep ended before it could be killed:\n{log.read_text()[-3000:]}"
             assert time.time() < deadline, "no three trials finished in time"
             time.sleep(2)
     finally:
-        os.killpg(driver.pid, signal.SIGKILL)                    # the driver, as a lost head node would
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)                # the driver, as a lost head node would
         driver.wait()
     before = {t.number: (t.state, t.value) for t in study_trials(sweep_dir) if t.state.is_finished()}
 
@@ -111,6 +114,32 @@ def test_a_wrong_sweep_key_fails_before_anything_starts_naming_it(override, mess
                          timeout=120)
     assert run.returncode != 0 and message in run.stdout + run.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_reader_of_the_study_database_cannot_break_the_sweep_that_creates_it(tmp_path):
+    """Whoever opens a fresh SQLite file first creates Optuna's tables in it; two at once collide
+    ("table studies already exists"). Here a reader polls the database while the sweep creates it,
+    as optuna-dashboard or the killed-sweep test above do (plain creation failed 11 of 20 rounds)."""
+    def poll(database: Path, stop: threading.Event) -> None:
+        while not stop.is_set():
+            if database.is_file():
+                try:
+                    optuna.load_study(study_name="digits", storage=f"sqlite:///{database}")
+                except Exception:                                  # no study yet, or a half-made one
+                    pass
+
+    for round_ in range(20):
+        sweep_dir = tmp_path / str(round_)
+        stop = threading.Event()
+        reader = threading.Thread(target=poll, args=(sweep_dir / "optuna.db", stop))
+        reader.start()
+        try:
+            storage = sweep.optuna_storage(sweep.SweepConfig(), str(sweep_dir))
+        finally:
+            stop.set()
+            reader.join()
+        optuna.create_study(study_name="digits", storage=storage)
+        assert [p.name for p in sweep_dir.iterdir()] == ["optuna.db"]
 
 
 def test_a_trial_gets_its_dotted_values_typed_and_checked():

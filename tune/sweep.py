@@ -209,8 +209,24 @@ def optuna_storage(sweep: SweepConfig, sweep_dir: str) -> str:
     if "://" in sweep_dir:
         raise ValueError(f"sweep.dir is {sweep.dir}: set sweep.storage to an Optuna RDB URL "
                          f"(postgresql://..., or sqlite:///a/local/file.db)")
-    Path(sweep_dir).mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{sweep_dir}/optuna.db"
+    database = Path(sweep_dir, "optuna.db")
+    if not database.is_file():
+        create_sqlite_storage(database)
+    return f"sqlite:///{database}"
+
+
+def create_sqlite_storage(database: Path) -> None:
+    """Create Optuna's tables in a file beside `database`, then rename it into place.
+
+    Whoever opens a fresh SQLite file first creates Optuna's tables in it, and when two processes do
+    so at once, one fails ("table studies already exists"). Renamed into place whole, the database
+    is never seen without its tables by a reader that opens it as the sweep starts (optuna-dashboard,
+    tune/report.py, a script).
+    """
+    database.parent.mkdir(parents=True, exist_ok=True)
+    building = database.with_name(f".{database.name}.{os.getpid()}")
+    optuna.storages.RDBStorage(f"sqlite:///{building}").engine.dispose()
+    os.replace(building, database)
 
 
 def compose_for(dataset: str) -> DictConfig:
