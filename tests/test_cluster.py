@@ -46,7 +46,7 @@ SWEEP = ["sweep.autoscaling=true", f"sweep.num_samples={TRIALS}", f"train.steps=
          # No ASHA rung before the last step: both trials run to the end and report the objective.
          f"sweep.grace_period={STEPS}", "probe.epochs=1", "sweep.baseline=false", "sweep.name=fake"]
 SWEEP_TIMEOUT_S = 300      # about 80 s on an idle machine; more when its 2 cores are shared
-REMOVAL_TIMEOUT_S = 60     # the idle timeout, the autoscaler's rounds and the node's shutdown
+REMOVAL_TIMEOUT_S = 120    # the idle timeout, the autoscaler's rounds and the node's shutdown (about 15 s here)
 LOOK_TIMEOUT_S = 30        # one look at the GCS's tables
 
 
@@ -153,13 +153,25 @@ def test_fake_cluster_grows_for_the_sweep_and_shrinks_when_idle(fake_cluster):
 
     # Once idle, the workers were removed: not before the idle timeout, but soon after the sweep.
     left = [node for node in workers if node["alive"]]
-    assert not left, ("the idle workers were not removed; why the autoscaler keeps them: "
-                      f"{[node['activity'] for node in left]}; actors alive on them: "
-                      f"{[a for a in history['actors'] if a['state'] == 'ALIVE' and nodes.get(a['node']) in left]}")
+    seen = [{key: node.get(key) for key in ("idle_s", "free", "activity")} for node in left]
+    alive_there = [a for a in history["actors"] if a["state"] == "ALIVE" and nodes.get(a["node"]) in left]
+    assert not left, (f"the idle workers were not removed; the autoscaler's view of them: {seen}; "
+                      f"actors alive on them: {alive_there}; "
+                      f"what else may hold their resources: {history['holders']}; the autoscaler's log:\n"
+                      f"{autoscaler_log(work)}")
     for node in workers:
         last_use = max(actor["end"] for actor in on_cpus if actor["node"] == node["node_id"])
         assert node["end"] - last_use >= IDLE_TIMEOUT_MINUTES * 60, node
         assert node["end"] < ended + REMOVAL_TIMEOUT_S + LOOK_TIMEOUT_S, node
+
+
+def autoscaler_log(work: Path) -> str:
+    """The autoscaler's decisions on nodes, errors, and its last status (demands, request_resources)."""
+    log = (work / "ray" / "session_latest" / "logs" / "monitor.log").read_text().splitlines()
+    decisions = [line for line in log if any(word in line for word in ("Terminating", "Removing", "Adding",
+                                                                         "ERROR", "Error", "WARN"))]
+    last = max((i for i, line in enumerate(log) if "Autoscaler status" in line), default=len(log))
+    return "\n".join([*decisions[-20:], *log[last:last + 30]])
 
 
 # ---------------------------------------------------------------- a look at the cluster, run as a subprocess
@@ -188,6 +200,35 @@ def _cancel_leftover_train_reservations() -> list[str]:
         ray.shutdown()
 
 
+def _holders(node_ids: list[str]) -> dict:
+    """What may hold resources on nodes the autoscaler keeps: their placement groups' bundles, live
+    worker processes (with their command lines and kernel states) and running tasks."""
+    import ray
+    from ray.util.state import list_placement_groups, list_tasks, list_workers
+
+    def process(pid):
+        try:
+            return {"cmd": Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")[:200],
+                    "state": Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]}
+        except OSError:
+            return {}
+
+    ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+    try:
+        groups = [{"id": group.placement_group_id, "state": group.state, "job": group.creator_job_id,
+                   "bundles": group.bundles}
+                  for group in list_placement_groups(detail=True, timeout=LOOK_TIMEOUT_S) if group.state != "REMOVED"]
+        workers = [{"pid": w.pid, "type": w.worker_type, "node": node, **process(w.pid)} for node in node_ids
+                   for w in list_workers(filters=[("is_alive", "=", True), ("node_id", "=", node)],
+                                         timeout=LOOK_TIMEOUT_S, raise_on_missing_output=False)]
+        tasks = [{"name": t.name, "type": t.type, "node": node} for node in node_ids
+                 for t in list_tasks(filters=[("state", "=", "RUNNING"), ("node_id", "=", node)],
+                                     timeout=LOOK_TIMEOUT_S, raise_on_missing_output=False)]
+        return {"placement_groups": groups, "workers": workers, "running_tasks": tasks}
+    finally:
+        ray.shutdown()
+
+
 def _history(address: str, wait_s: float) -> dict:
     """The cluster's nodes and actors, dead ones included, once no worker is left (or wait_s passed)."""
     import ray._raylet
@@ -204,8 +245,12 @@ def _history(address: str, wait_s: float) -> dict:
             break
         time.sleep(0.5)
     infos = gcs.get_all_node_info(timeout=LOOK_TIMEOUT_S)
-    # The raylets' reasons for not being idle, as the autoscaler reads them.
-    activity = {state.node_id.hex(): list(state.node_activity) for state in get_cluster_resource_state(gcs).node_states}
+    left = [info.node_id.hex() for info in infos.values() if info.state == alive and not info.is_head_node]
+    # What the autoscaler reads of each node: idle or not, for how long, its free resources, and the
+    # raylet's reasons for not being idle (which can name a resource that is all free).
+    states = {state.node_id.hex(): {"idle_s": state.idle_duration_ms / 1000, "free": dict(state.available_resources),
+                                    "activity": list(state.node_activity)}
+              for state in get_cluster_resource_state(gcs).node_states}
 
     async def actors():
         return await gcs.async_get_all_actor_info(timeout=LOOK_TIMEOUT_S)
@@ -216,8 +261,8 @@ def _history(address: str, wait_s: float) -> dict:
     nodes = [{"node_id": info.node_id.hex(), "is_head": info.is_head_node, "alive": info.state == alive,
               "type": info.node_type_name, "resources": dict(info.resources_total),
               "start": info.start_time_ms / 1000, "end": info.end_time_ms / 1000,
-              "activity": activity.get(info.node_id.hex(), [])} for info in infos.values()]
-    return {"cancelled": cancelled, "nodes": nodes, "actors": [
+              **states.get(info.node_id.hex(), {})} for info in infos.values()]
+    return {"cancelled": cancelled, "nodes": nodes, "holders": _holders(left) if left else {}, "actors": [
         {"class": actor.class_name, "node": actor.node_id.hex(), "cpus": cpus(actor.required_resources),
          "state": ActorTableData.ActorState.Name(actor.state), "end": actor.end_time / 1000}
         for actor in asyncio.run(actors()).values()]}
