@@ -1,4 +1,4 @@
-"""tune/sweep.py on a real `ray start --head` on 127.0.0.1: a 12-trial sweep with early stopping whose
+"""tune/sweep.py on a real `ray start --head` on 127.0.0.1: an 8-trial sweep with early stopping whose
 driver is killed mid-sweep and resumed ends with every trial terminated and the Optuna study's history
 kept; `ray job submit` runs a sweep to SUCCEEDED; a wrong search-space key fails naming it."""
 import os
@@ -23,6 +23,7 @@ import sweep  # noqa: E402  (tune/ is a folder of scripts)
 PORT, DASHBOARD_PORT = 6480, 8480               # not Ray's defaults, which other tests' Rays use
 QUICK = ["train.steps=20", "train.log_every=10", "sweep.grace_period=10", "sweep.reduction_factor=2",
          "probe.epochs=1", "trainer.probe_examples=200", "trainer.cpus_per_worker=0.4", "sweep.baseline=false"]
+TRIALS = 8                                      # in the killed sweep: 4 run at once on the head's 2 CPUs
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def test_a_killed_sweep_resumes_keeping_finished_trials_and_the_study_history(he
     env, _ = head
     env = {**env, "RAY_ADDRESS": f"127.0.0.1:{PORT}"}
     sweep_dir = tmp_path / "killed"
-    command = sweep_command(sweep_dir, "sweep.num_samples=12")
+    command = sweep_command(sweep_dir, f"sweep.num_samples={TRIALS}")
     log = tmp_path / "killed-driver.log"
     with log.open("w") as out:
         driver = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True, stdout=out, stderr=out)
@@ -74,14 +75,17 @@ def test_a_killed_sweep_resumes_keeping_finished_trials_and_the_study_history(he
     assert "resuming the digits sweep" in resumed.stdout
 
     trials = pd.read_csv(sweep_dir / "digits.csv")               # the report, written at the end
-    assert len(trials) == 12 and set(trials["status"]) == {"TERMINATED"}, trials[["trial_id", "status"]]
-    assert trials["objective"].notna().sum() >= 2                # some ran to the final evaluation
-    assert trials["objective"].isna().sum() >= 2                 # ASHA stopped some early
+    assert len(trials) == TRIALS and set(trials["status"]) == {"TERMINATED"}, trials[["trial_id", "status"]]
+    # Each trial ran to the final evaluation, or ASHA stopped it at its rung (step 10 of 20): how many
+    # of each is up to the probes (test_report.py pins ASHA's choices with reports of its own).
+    finished = trials["objective"].notna()
+    assert finished.any() and (trials.loc[finished, "step"] == 20).all(), trials[["trial_id", "step", "objective"]]
+    assert (trials.loc[~finished, "step"] == 10).all(), trials[["trial_id", "step", "objective"]]
     after = {t.number: t for t in study_trials(sweep_dir)}
     for number, (state, value) in before.items():                # the history is kept as it was
         assert (after[number].state, after[number].value) == (state, value)
     finished = [t for t in after.values() if t.state.is_finished()]
-    assert len(finished) >= 12
+    assert len(finished) >= TRIALS
     assert (sweep_dir / "report.md").is_file() and list((sweep_dir / "plots").glob("*.png"))
 
 
@@ -90,7 +94,7 @@ def test_ray_job_submit_runs_a_sweep_to_succeeded_with_its_progress_in_the_job_l
     address = f"http://127.0.0.1:{DASHBOARD_PORT}"
     submit = subprocess.run(
         [RAY, "job", "submit", "--address", address, "--working-dir", ".", "--",
-         *["python", *sweep_command(tmp_path / "job", "sweep.num_samples=2")[1:]]],
+         *["python", *sweep_command(tmp_path / "job", "sweep.num_samples=1")[1:]]],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
     job_id = next(line.split("'")[1] for line in submit.stdout.splitlines() if "submitted successfully" in line)
