@@ -120,10 +120,12 @@ def test_a_wrong_sweep_key_fails_before_anything_starts_naming_it(override, mess
     assert not (tmp_path / "bad").exists()
 
 
-def test_a_reader_of_the_study_database_cannot_break_the_sweep_that_creates_it(tmp_path):
+@pytest.mark.parametrize("where", ["sweep folder", "sweep.storage"])
+def test_a_reader_of_the_study_database_cannot_break_the_sweep_that_creates_it(where, tmp_path):
     """Whoever opens a fresh SQLite file first creates Optuna's tables in it; two at once collide
     ("table studies already exists"). Here a reader polls the database while the sweep creates it,
-    as optuna-dashboard or the killed-sweep test above do (plain creation failed 11 of 20 rounds)."""
+    as optuna-dashboard or the killed-sweep test above do (plain creation failed 11 of 20 rounds);
+    the database is the default SWEEP_DIR/optuna.db, or one that sweep.storage names."""
     def poll(database: Path, stop: threading.Event) -> None:
         while not stop.is_set():
             if database.is_file():
@@ -133,17 +135,19 @@ def test_a_reader_of_the_study_database_cannot_break_the_sweep_that_creates_it(t
                     pass
 
     for round_ in range(20):
-        sweep_dir = tmp_path / str(round_)
+        sweep_dir, elsewhere = tmp_path / str(round_), tmp_path / f"studies-{round_}" / "study.db"
+        database = sweep_dir / "optuna.db" if where == "sweep folder" else elsewhere
+        config = sweep.SweepConfig(storage=None if where == "sweep folder" else f"sqlite:///{elsewhere}")
         stop = threading.Event()
-        reader = threading.Thread(target=poll, args=(sweep_dir / "optuna.db", stop))
+        reader = threading.Thread(target=poll, args=(database, stop))
         reader.start()
         try:
-            storage = sweep.optuna_storage(sweep.SweepConfig(), str(sweep_dir))
+            storage = sweep.optuna_storage(config, str(sweep_dir))
         finally:
             stop.set()
             reader.join()
         optuna.create_study(study_name="digits", storage=storage)
-        assert [p.name for p in sweep_dir.iterdir()] == ["optuna.db"]
+        assert [p.name for p in database.parent.iterdir()] == [database.name]
 
 
 def test_a_trial_gets_its_dotted_values_typed_and_checked():

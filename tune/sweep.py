@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional
 import hydra
 import optuna
 import ray
+import sqlalchemy
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -204,15 +205,16 @@ def sweep_folder(sweep: SweepConfig, datasets: list[str]) -> str:
 
 
 def optuna_storage(sweep: SweepConfig, sweep_dir: str) -> str:
-    if sweep.storage:
-        return sweep.storage
-    if "://" in sweep_dir:
+    """sweep.storage, or SWEEP_DIR/optuna.db; a SQLite database that does not exist yet is created whole."""
+    if not sweep.storage and "://" in sweep_dir:
         raise ValueError(f"sweep.dir is {sweep.dir}: set sweep.storage to an Optuna RDB URL "
                          f"(postgresql://..., or sqlite:///a/local/file.db)")
-    database = Path(sweep_dir, "optuna.db")
-    if not database.is_file():
-        create_sqlite_storage(database)
-    return f"sqlite:///{database}"
+    storage = sweep.storage or f"sqlite:///{Path(sweep_dir, 'optuna.db')}"
+    url = sqlalchemy.engine.make_url(storage)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        if not Path(url.database).is_file():
+            create_sqlite_storage(Path(url.database))
+    return storage
 
 
 def create_sqlite_storage(database: Path) -> None:
