@@ -118,6 +118,8 @@ def test_fake_cluster_grows_for_the_sweep_and_shrinks_when_idle(fake_cluster):
     sweep = subprocess.run([sys.executable, "tune/sweep.py", *SWEEP, f"sweep.dir={work / 'sweeps'}"], cwd=ROOT,
                            env=env, capture_output=True, text=True, timeout=SWEEP_TIMEOUT_S)
     ended = time.time()
+    # pytest shows a failed test's output whole (an assertion's message is cut short unless -vv).
+    print("the sweep's output:", sweep.stdout[-5000:], sweep.stderr[-5000:], sep="\n")
     assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-5000:]
     # Both trials ran to the end and reported the objective (the final linear evaluation).
     assert f"{TRIALS} finished, 0 stopped early, 0 failed" in sweep.stdout, sweep.stdout[-3000:]
@@ -153,12 +155,13 @@ def test_fake_cluster_grows_for_the_sweep_and_shrinks_when_idle(fake_cluster):
 
     # Once idle, the workers were removed: not before the idle timeout, but soon after the sweep.
     left = [node for node in workers if node["alive"]]
-    seen = [{key: node.get(key) for key in ("idle_s", "free", "activity")} for node in left]
-    alive_there = [a for a in history["actors"] if a["state"] == "ALIVE" and nodes.get(a["node"]) in left]
-    assert not left, (f"the idle workers were not removed; the autoscaler's view of them: {seen}; "
-                      f"actors alive on them: {alive_there}; "
-                      f"what else may hold their resources: {history['holders']}; the autoscaler's log:\n"
-                      f"{autoscaler_log(work)}")
+    if left:
+        seen = [{key: node.get(key) for key in ("idle_s", "free", "activity")} for node in left]
+        alive_there = [a for a in history["actors"] if a["state"] == "ALIVE" and nodes.get(a["node"]) in left]
+        print(f"the autoscaler's view of the workers it kept: {seen}", f"actors alive on them: {alive_there}",
+              f"what else may hold their resources: {history['holders']}", "the autoscaler's log:",
+              autoscaler_log(work), sep="\n")
+    assert not left, "the idle workers were not removed (the test's output says what the autoscaler saw)"
     for node in workers:
         last_use = max(actor["end"] for actor in on_cpus if actor["node"] == node["node_id"])
         assert node["end"] - last_use >= IDLE_TIMEOUT_MINUTES * 60, node
