@@ -159,7 +159,8 @@ def test_fake_cluster_grows_for_the_sweep_and_shrinks_when_idle(fake_cluster):
         seen = [{key: node.get(key) for key in ("idle_s", "free", "activity")} for node in left]
         alive_there = [a for a in history["actors"] if a["state"] == "ALIVE" and nodes.get(a["node"]) in left]
         print(f"the autoscaler's view of the workers it kept: {seen}", f"actors alive on them: {alive_there}",
-              f"what else may hold their resources: {history['holders']}", "the autoscaler's log:",
+              f"what else may hold their resources: {history['holders']}",
+              f"Train reservations cancelled before the wait: {history['cancelled']}", "the autoscaler's log:",
               autoscaler_log(work), sep="\n")
     assert not left, "the idle workers were not removed (the test's output says what the autoscaler saw)"
     for node in workers:
@@ -205,7 +206,8 @@ def _cancel_leftover_train_reservations() -> list[str]:
 
 def _holders(node_ids: list[str]) -> dict:
     """What may hold resources on nodes the autoscaler keeps: their placement groups' bundles, live
-    worker processes (with their command lines and kernel states) and running tasks."""
+    worker processes (with their command lines and kernel states) and running tasks; or why the
+    state API could not say (a diagnosis, never the failure itself)."""
     import ray
     from ray.util.state import list_placement_groups, list_tasks, list_workers
 
@@ -216,8 +218,8 @@ def _holders(node_ids: list[str]) -> dict:
         except OSError:
             return {}
 
-    ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
     try:
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
         groups = [{"id": group.placement_group_id, "state": group.state, "job": group.creator_job_id,
                    "bundles": group.bundles}
                   for group in list_placement_groups(detail=True, timeout=LOOK_TIMEOUT_S) if group.state != "REMOVED"]
@@ -228,6 +230,8 @@ def _holders(node_ids: list[str]) -> dict:
                  for t in list_tasks(filters=[("state", "=", "RUNNING"), ("node_id", "=", node)],
                                      timeout=LOOK_TIMEOUT_S, raise_on_missing_output=False)]
         return {"placement_groups": groups, "workers": workers, "running_tasks": tasks}
+    except Exception as error:
+        return {"state_api_error": repr(error)}
     finally:
         ray.shutdown()
 
