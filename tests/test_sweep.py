@@ -78,9 +78,9 @@ def test_a_killed_sweep_resumes_keeping_finished_trials_and_the_study_history(he
     assert len(trials) == TRIALS and set(trials["status"]) == {"TERMINATED"}, trials[["trial_id", "status"]]
     # Each trial ran to the final evaluation, or ASHA stopped it at its rung (step 10 of 20): how many
     # of each is up to the probes (test_report.py pins ASHA's choices with reports of its own).
-    finished = trials["objective"].notna()
-    assert finished.any() and (trials.loc[finished, "step"] == 20).all(), trials[["trial_id", "step", "objective"]]
-    assert (trials.loc[~finished, "step"] == 10).all(), trials[["trial_id", "step", "objective"]]
+    evaluated = trials["objective"].notna()
+    assert evaluated.any() and (trials.loc[evaluated, "step"] == 20).all(), trials[["trial_id", "step", "objective"]]
+    assert (trials.loc[~evaluated, "step"] == 10).all(), trials[["trial_id", "step", "objective"]]
     after = {t.number: t for t in study_trials(sweep_dir)}
     for number, (state, value) in before.items():                # the history is kept as it was
         assert (after[number].state, after[number].value) == (state, value)
