@@ -118,11 +118,9 @@ def test_fake_cluster_grows_for_the_sweep_and_shrinks_when_idle(fake_cluster):
     sweep = subprocess.run([sys.executable, "tune/sweep.py", *SWEEP, f"sweep.dir={work / 'sweeps'}"], cwd=ROOT,
                            env=env, capture_output=True, text=True, timeout=SWEEP_TIMEOUT_S)
     ended = time.time()
-    # pytest shows a failed test's output whole (an assertion's message is cut short unless -vv).
-    print("the sweep's output:", sweep.stdout[-5000:], sweep.stderr[-5000:], sep="\n")
-    assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-5000:]
-    # Both trials ran to the end and reported the objective (the final linear evaluation).
-    assert f"{TRIALS} finished, 0 stopped early, 0 failed" in sweep.stdout, sweep.stdout[-3000:]
+    if sweep.returncode != 0 or f"{TRIALS} finished, 0 stopped early, 0 failed" not in sweep.stdout:
+        # Both trials run to the end and report the objective (the final linear evaluation).
+        pytest.fail(f"the sweep's output:\n{sweep.stdout[-5000:]}\n{sweep.stderr[-5000:]}", pytrace=False)
     table = pd.read_csv(work / "sweeps" / "fake" / "digits.csv")
     assert list(table["outcome"]) == ["finished"] * TRIALS and table["objective"].notna().all()
     assert list(table["step"]) == [STEPS] * TRIALS
@@ -153,16 +151,22 @@ def test_fake_cluster_grows_for_the_sweep_and_shrinks_when_idle(fake_cluster):
         [("ImplicitFunc", 0.1)] * TRIALS + [("RayTrainWorker", 0.5)] * TRIALS), on_cpus
     assert all(nodes[actor["node"]] in workers for actor in on_cpus), on_cpus
 
+    # No Train run left its reservation with the autoscaler: ASHA stops a trial at its last step
+    # (max_t), and the stopped trial aborts its run, which cancels it (tune_reports.py).
+    assert history["reservations"] == [], history["reservations"]
+
     # Once idle, the workers were removed: not before the idle timeout, but soon after the sweep.
     left = [node for node in workers if node["alive"]]
     if left:
-        seen = [{key: node.get(key) for key in ("idle_s", "free", "activity")} for node in left]
+        # A failure's first lines, whole (an assertion's message is cut to a few lines without -vv).
         alive_there = [a for a in history["actors"] if a["state"] == "ALIVE" and nodes.get(a["node"]) in left]
-        print(f"the autoscaler's view of the workers it kept: {seen}", f"actors alive on them: {alive_there}",
-              f"what else may hold their resources: {history['holders']}",
-              f"Train reservations cancelled before the wait: {history['cancelled']}", "the autoscaler's log:",
-              autoscaler_log(work), sep="\n")
-    assert not left, "the idle workers were not removed (the test's output says what the autoscaler saw)"
+        pytest.fail("\n".join([
+            f"the idle workers were not removed within {REMOVAL_TIMEOUT_S} s of the sweep's end",
+            "the workers' state over the wait (seconds into it, idle time, free resources, activity):",
+            *map(json.dumps, history["timeline"]),
+            f"actors alive on them: {alive_there}",
+            f"what else may hold their resources: {json.dumps(history['holders'])}",
+            "the autoscaler's log:", autoscaler_log(work)]), pytrace=False)
     for node in workers:
         last_use = max(actor["end"] for actor in on_cpus if actor["node"] == node["node_id"])
         assert node["end"] - last_use >= IDLE_TIMEOUT_MINUTES * 60, node
@@ -179,14 +183,13 @@ def autoscaler_log(work: Path) -> str:
 
 
 # ---------------------------------------------------------------- a look at the cluster, run as a subprocess
-def _cancel_leftover_train_reservations() -> list[str]:
-    """Cancel the reservations that Ray Train runs left with the autoscaler; return their requesters.
+def _train_reservations() -> list[str]:
+    """The Ray Train runs whose reservations the autoscaler still holds.
 
     A Ray Train V2 run asks the cluster's AutoscalingCoordinator actor for its workers' resources,
-    which passes them on as `request_resources`, and cancels the request when it shuts down. A run
-    whose Tune trial is stopped (ASHA stops every trial at max_t = train.steps) is killed instead,
-    and its request stays until it expires, 180 s later; the autoscaler removes no node that such a
-    request needs. The real YAML's idle timeout (5 min) outlasts that; the test's 12 s does not.
+    which passes them on as `request_resources`, and cancels the request when it ends or is aborted.
+    A run killed instead leaves its request until it expires, 180 s later, and the autoscaler removes
+    no node that such a request needs. (A private Ray API, as of Ray 2.60.)
     """
     import ray
 
@@ -196,10 +199,8 @@ def _cancel_leftover_train_reservations() -> list[str]:
             coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
         except ValueError:
             return []  # no Train run asked
-        requesters = ray.get(coordinator.__ray_call__.remote(lambda self: list(self._ongoing_reqs)),
-                             timeout=LOOK_TIMEOUT_S)
-        ray.get([coordinator.cancel_request.remote(requester) for requester in requesters], timeout=LOOK_TIMEOUT_S)
-        return requesters
+        return ray.get(coordinator.__ray_call__.remote(lambda self: list(self._ongoing_reqs)),
+                       timeout=LOOK_TIMEOUT_S)
     finally:
         ray.shutdown()
 
@@ -237,27 +238,30 @@ def _holders(node_ids: list[str]) -> dict:
 
 
 def _history(address: str, wait_s: float) -> dict:
-    """The cluster's nodes and actors, dead ones included, once no worker is left (or wait_s passed)."""
+    """The cluster's nodes and actors, dead ones included, once no worker is left (or wait_s passed);
+    the Train reservations left at the start, and what the autoscaler read of the workers meanwhile."""
     import ray._raylet
     from ray.autoscaler.v2.sdk import get_cluster_resource_state
     from ray.core.generated.gcs_pb2 import ActorTableData, GcsNodeInfo
 
-    cancelled = _cancel_leftover_train_reservations()
+    reservations = _train_reservations()
     gcs = ray._raylet.GcsClient(address=address)
     alive = GcsNodeInfo.GcsNodeState.ALIVE
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
+    start = time.monotonic()
+    timeline = []
+    while True:
         infos = gcs.get_all_node_info(timeout=LOOK_TIMEOUT_S)
-        if not [info for info in infos.values() if info.state == alive and not info.is_head_node]:
+        left = [info.node_id.hex() for info in infos.values() if info.state == alive and not info.is_head_node]
+        if not left or time.monotonic() - start > wait_s:
             break
+        # What the autoscaler reads of each worker: idle or not, for how long, its free resources, and
+        # the raylet's reasons for not being idle (which can name a resource that is all free).
+        if not timeline or time.monotonic() - start >= timeline[-1][0] + 10:
+            timeline.append([round(time.monotonic() - start), {
+                state.node_id.hex()[-6:]: [round(state.idle_duration_ms / 1000), dict(state.available_resources),
+                                           list(state.node_activity)]
+                for state in get_cluster_resource_state(gcs).node_states if state.node_id.hex() in left}])
         time.sleep(0.5)
-    infos = gcs.get_all_node_info(timeout=LOOK_TIMEOUT_S)
-    left = [info.node_id.hex() for info in infos.values() if info.state == alive and not info.is_head_node]
-    # What the autoscaler reads of each node: idle or not, for how long, its free resources, and the
-    # raylet's reasons for not being idle (which can name a resource that is all free).
-    states = {state.node_id.hex(): {"idle_s": state.idle_duration_ms / 1000, "free": dict(state.available_resources),
-                                    "activity": list(state.node_activity)}
-              for state in get_cluster_resource_state(gcs).node_states}
 
     async def actors():
         return await gcs.async_get_all_actor_info(timeout=LOOK_TIMEOUT_S)
@@ -267,12 +271,12 @@ def _history(address: str, wait_s: float) -> dict:
 
     nodes = [{"node_id": info.node_id.hex(), "is_head": info.is_head_node, "alive": info.state == alive,
               "type": info.node_type_name, "resources": dict(info.resources_total),
-              "start": info.start_time_ms / 1000, "end": info.end_time_ms / 1000,
-              **states.get(info.node_id.hex(), {})} for info in infos.values()]
-    return {"cancelled": cancelled, "nodes": nodes, "holders": _holders(left) if left else {}, "actors": [
-        {"class": actor.class_name, "node": actor.node_id.hex(), "cpus": cpus(actor.required_resources),
-         "state": ActorTableData.ActorState.Name(actor.state), "end": actor.end_time / 1000}
-        for actor in asyncio.run(actors()).values()]}
+              "start": info.start_time_ms / 1000, "end": info.end_time_ms / 1000} for info in infos.values()]
+    return {"reservations": reservations, "timeline": timeline, "nodes": nodes,
+            "holders": _holders(left) if left else {}, "actors": [
+                {"class": actor.class_name, "node": actor.node_id.hex(), "cpus": cpus(actor.required_resources),
+                 "state": ActorTableData.ActorState.Name(actor.state), "end": actor.end_time / 1000}
+                for actor in asyncio.run(actors()).values()]}
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ RUNNING forever or drops their last report (metamae/distributed/tune_reports.py)
 """
 import sys
 import threading
+import time
+from pathlib import Path
 
 import pytest
 import ray
@@ -32,6 +34,30 @@ def reports_then_return(config):
         thread.join()
         return "finished"
     assert report_to_tune(train_run) == "finished"
+
+
+@ray.remote(num_cpus=0, max_concurrency=2)
+class Controller:
+    """Stands in for Ray Train's controller: reports on and on until it is aborted, then leaves `marker`."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def run(self, callback):
+        for i in range(600):
+            callback.after_report(None, [{"i": i}], None)
+            time.sleep(0.1)
+
+    def abort(self):
+        Path(self.marker).touch()
+        ray.actor.exit_actor()
+
+
+def reports_until_aborted(config):
+    def train_run(callback):
+        controller = Controller.remote(config["marker"])
+        ray.get(controller.run.remote(callback))
+    report_to_tune(train_run)
 
 
 def fails_after_one_report(config):
@@ -74,3 +100,15 @@ def test_a_failed_run_fails_its_trial_after_its_reports(local_ray, tmp_path):
     (result,) = results
     assert "total loss is NaN at step 10" in str(result.error)
     assert list(result.metrics_dataframe["i"]) == [0]
+
+
+def test_a_trial_that_tune_stops_aborts_its_train_run(local_ray, tmp_path):
+    """ASHA stops trials; the Train run of a stopped trial is aborted (which cancels its reservation
+    with the autoscaler and frees its workers), not left running until the trial's actor is killed."""
+    marker = tmp_path / "aborted"
+    tuner = tune.Tuner(tune.with_resources(reports_until_aborted, {"cpu": 0.1}), param_space={"marker": str(marker)},
+                       run_config=tune.RunConfig(storage_path=str(tmp_path), name="stopped", verbose=0,
+                                                 stop={"i": 3}))
+    (result,) = tuner.fit()
+    assert result.error is None and result.metrics["i"] == 3
+    assert marker.exists(), "the stopped trial did not abort its Train run"
