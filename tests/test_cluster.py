@@ -151,8 +151,8 @@ def test_fake_cluster_grows_for_the_sweep_and_shrinks_when_idle(fake_cluster):
         [("ImplicitFunc", 0.1)] * TRIALS + [("RayTrainWorker", 0.5)] * TRIALS), on_cpus
     assert all(nodes[actor["node"]] in workers for actor in on_cpus), on_cpus
 
-    # No Train run left its reservation with the autoscaler: ASHA stops a trial at its last step
-    # (max_t), and the stopped trial aborts its run, which cancels it (tune_reports.py).
+    # No Train run left its reservation with the autoscaler: ASHA stops each trial at its last report
+    # (max_t), which reaches Tune once the run has ended and cancelled it (tune_reports.py).
     assert history["reservations"] == [], history["reservations"]
 
     # Once idle, the workers were removed: not before the idle timeout, but soon after the sweep.

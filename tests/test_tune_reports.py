@@ -4,21 +4,25 @@ The trial functions here call the Train callback the way Train's controller does
 another thread) and return at once: the timing under which Ray's TuneReportCallback leaves trials
 RUNNING forever or drops their last report (metamae/distributed/tune_reports.py): with
 `train_run(TuneReportCallback())` in place of `report_to_tune(train_run)`, the first test hangs.
-The last test stops a trial with Tune and checks that its (stand-in) Train run was aborted.
+The last two stop a trial with Tune, at its last report and before: its (stand-in) Train run ends\nfirst.
 """
 import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import ray
 from ray import cloudpickle, tune
+from ray.data._internal.cluster_autoscaler import get_or_create_autoscaling_coordinator
 from ray.train import Checkpoint
 
 from metamae.distributed.tune_reports import CHECKPOINT_PATH, report_to_tune
 
 REPORTS = 3
+RUN = SimpleNamespace(run_id="stand-in")     # what Train passes its callbacks as run_context, in part
+RESERVATION = f"train-{RUN.run_id}"          # the name Train reserves a run's workers under
 
 
 def reports_then_return(config):
@@ -29,7 +33,7 @@ def reports_then_return(config):
             for i in range(REPORTS):
                 last = i == REPORTS - 1
                 checkpoint = Checkpoint.from_directory(config["checkpoint"]) if last else None
-                callback.after_report(None, [{"i": i, "trial": config["trial"]}, {"i": -1}], checkpoint)
+                callback.after_report(RUN, [{"i": i, "trial": config["trial"]}, {"i": -1}], checkpoint)
         thread = threading.Thread(target=controller)
         thread.start()
         thread.join()
@@ -39,31 +43,40 @@ def reports_then_return(config):
 
 @ray.remote(num_cpus=0, max_concurrency=2)
 class Controller:
-    """Stands in for Ray Train's controller: reports on and on until it is aborted, then leaves `marker`."""
+    """Stands in for Ray Train's controller: reserves a worker's resources with the cluster's autoscaling
+    coordinator as Train does, makes `reports` reports (the last with the objective), then takes a
+    second to shut down, cancels its reservation and leaves `folder`/ended; aborted, it leaves
+    `folder`/aborted."""
 
-    def __init__(self, marker):
-        self.marker = marker
+    def __init__(self, folder, reports):
+        self.folder, self.reports = Path(folder), reports
+        self.coordinator = get_or_create_autoscaling_coordinator()
+        ray.get(self.coordinator.request_resources.remote(RESERVATION, [{"CPU": 0.1}], expire_after_s=180))
 
     def run(self, callback):
-        for i in range(600):
-            callback.after_report(None, [{"i": i}], None)
+        for i in range(self.reports):
+            last = i == self.reports - 1
+            callback.after_report(RUN, [{"i": i, **({"objective": 0.9} if last else {})}], None)
             time.sleep(0.1)
+        time.sleep(1)
+        ray.get(self.coordinator.cancel_request.remote(RESERVATION))
+        (self.folder / "ended").touch()
 
     def abort(self):
-        Path(self.marker).touch()
+        (self.folder / "aborted").touch()
         ray.actor.exit_actor()
 
 
-def reports_until_aborted(config):
+def runs_a_controller(config):
     def train_run(callback):
-        controller = Controller.remote(config["marker"])
+        controller = Controller.remote(config["folder"], config["reports"])
         ray.get(controller.run.remote(callback))
-    report_to_tune(train_run)
+    report_to_tune(train_run, is_last=lambda report: "objective" in report)
 
 
 def fails_after_one_report(config):
     def train_run(callback):
-        callback.after_report(None, [{"i": 0}], None)
+        callback.after_report(RUN, [{"i": 0}], None)
         raise FloatingPointError("total loss is NaN at step 10")
     report_to_tune(train_run)
 
@@ -103,13 +116,30 @@ def test_a_failed_run_fails_its_trial_after_its_reports(local_ray, tmp_path):
     assert list(result.metrics_dataframe["i"]) == [0]
 
 
-def test_a_trial_that_tune_stops_aborts_its_train_run(local_ray, tmp_path):
-    """ASHA stops trials; the Train run of a stopped trial is aborted (which cancels its reservation
-    with the autoscaler and frees its workers), not left running until the trial's actor is killed."""
-    marker = tmp_path / "aborted"
-    tuner = tune.Tuner(tune.with_resources(reports_until_aborted, {"cpu": 0.1}), param_space={"marker": str(marker)},
+def stopped_at(i, reports, tmp_path):
+    """Run one trial of `runs_a_controller` that Tune stops at report i; its result and the reservations left."""
+    tuner = tune.Tuner(tune.with_resources(runs_a_controller, {"cpu": 0.1}),
+                       param_space={"folder": str(tmp_path), "reports": reports},
                        run_config=tune.RunConfig(storage_path=str(tmp_path), name="stopped", verbose=0,
-                                                 stop={"i": 3}))
+                                                 stop={"i": i}))
     (result,) = tuner.fit()
+    coordinator = get_or_create_autoscaling_coordinator()
+    return result, ray.get(coordinator.__ray_call__.remote(lambda self: list(self._ongoing_reqs)))
+
+
+def test_a_trial_stopped_at_its_last_report_ends_after_its_train_run(local_ray, tmp_path):
+    """ASHA stops every trial at its last step (max_t): the Train run has ended (its reservation
+    cancelled, its workers freed) before Tune sees that report, and the report reaches Tune."""
+    result, reservations = stopped_at(2, 3, tmp_path)
+    assert result.error is None and result.metrics["objective"] == 0.9
+    assert (tmp_path / "ended").exists() and not (tmp_path / "aborted").exists()
+    assert RESERVATION not in reservations, reservations
+
+
+def test_a_trial_stopped_early_aborts_its_train_run_and_cancels_its_reservation(local_ray, tmp_path):
+    """ASHA stops a trial at a rung: its Train run is aborted and its reservation cancelled, not left
+    until the trial's actor is killed and the reservation expires."""
+    result, reservations = stopped_at(3, 600, tmp_path)
     assert result.error is None and result.metrics["i"] == 3
-    assert marker.exists(), "the stopped trial did not abort its Train run"
+    assert (tmp_path / "aborted").exists(), "the stopped trial did not abort its Train run"
+    assert RESERVATION not in reservations, reservations

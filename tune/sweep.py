@@ -131,7 +131,8 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], runs_dir: str) -> No
     cfg = trial_config(base, params, str(out_dir))
     run = RunConfig(cfg.dataset, cfg.model, cfg.objective, cfg.train)
     trainer = replace(cfg.trainer, storage=storage) if storage else cfg.trainer
-    report_to_tune(lambda reports: fit(run, cfg.probe, trainer, out_dir, callbacks=[reports]))
+    report_to_tune(lambda reports: fit(run, cfg.probe, trainer, out_dir, callbacks=[reports]),
+                   is_last=lambda report: "objective" in report)
 
 
 class FinalReportOptunaSearch(OptunaSearch):

@@ -3,10 +3,9 @@
     Train controller ──after_report──▶ Queue actor ──get──▶ trial thread: tune.report(...)
     (a thread of the trial runs TorchTrainer.fit)            until the run has ended and the queue is empty
 
-When Tune stops the trial (ASHA), the trial aborts its Train run through the controller, as Ctrl-C
-does for a Train run in a script: the run cancels its reservation with the cluster's autoscaler and
-frees its workers' placement group at once. Killed with the trial's actor instead, the run leaves its
-reservation until it expires (180 s in Ray 2.60), and an autoscaling cluster keeps nodes for it.
+A Train run ends before its trial does: its reservation with the cluster's autoscaler is cancelled
+and its workers are freed. Killed with the trial's actor instead, the run leaves its reservation
+until it expires (180 s in Ray 2.60), and an autoscaling cluster keeps nodes for it.
 
 Why not Ray's TuneReportCallback (Ray 2.60): it hands each report through a one-slot queue that
 the trial actor's *main* thread empties and reports again from there. When the Train run ends right
@@ -20,44 +19,74 @@ against it. Here every tune.report comes from the trial's own thread, the path T
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from queue import Empty
 from typing import Any, Callable, Dict, List, Optional
 
 import ray
 from ray import tune
+from ray.data._internal.cluster_autoscaler import get_or_create_autoscaling_coordinator
 from ray.train import Checkpoint
 from ray.train.v2.api.callback import UserCallback
 from ray.util.queue import Queue
 
 CHECKPOINT_PATH = "checkpoint_path"     # the report's key for the path of the checkpoint it saved
-ABORT_TIMEOUT_S = 30                    # for the controller to cancel its reservation and free its workers
+END_TIMEOUT_S = 30                      # for the controller to end the run's workers
+
+
+@dataclass(frozen=True)
+class TrainRun:
+    """The Ray Train run that made a report: its controller (an actor), the cluster's autoscaling
+    coordinator (a detached actor) and the name of the run's reservation there. (Private Ray APIs,
+    Ray 2.60: Train reserves its workers' resources as train-<run id>.)"""
+    controller: ray.actor.ActorHandle
+    coordinator: ray.actor.ActorHandle
+    reservation: str
+
+    def end(self) -> None:
+        """End the run now: cancel its reservation and abort its controller, as Ctrl-C does (which
+        ends the workers and removes their placement group). Both are sent at once, before the trial's
+        actor can end, and the controller with it."""
+        sent = [self.coordinator.cancel_request.remote(self.reservation), self.controller.abort.remote()]
+        for reply in sent:
+            try:
+                ray.get(reply, timeout=END_TIMEOUT_S)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                pass                    # the controller exited (as abort does), or it is stuck
 
 
 class ReportQueue(UserCallback):
     """A Ray Train callback (it runs in Train's controller): queues rank 0's metrics of every report,
-    with the path of the checkpoint saved with it, and the controller's handle. The queue is
-    unbounded: Train never waits on Tune."""
+    with the path of the checkpoint saved with it, and the run that made it. The queue is unbounded:
+    Train never waits on Tune."""
 
     def __init__(self):
         self.queue = Queue(actor_options={"num_cpus": 0})
+        self.run: Optional[TrainRun] = None
 
     def after_report(self, run_context: Any, metrics: List[Dict[str, Any]], checkpoint: Optional[Checkpoint]):
         report = dict(metrics[0])
         if checkpoint is not None:
             report[CHECKPOINT_PATH] = checkpoint.path
-        self.queue.put((report, ray.get_runtime_context().current_actor))
+        if self.run is None:
+            self.run = TrainRun(ray.get_runtime_context().current_actor, get_or_create_autoscaling_coordinator(),
+                                f"train-{run_context.run_id}")
+        self.queue.put((report, self.run))
 
 
-def report_to_tune(train_run: Callable[[UserCallback], Any], poll_s: float = 0.5) -> Any:
+def report_to_tune(train_run: Callable[[UserCallback], Any], is_last: Callable[[dict], bool] = lambda report: False,
+                   poll_s: float = 0.5) -> Any:
     """Inside a Tune trial: run `train_run(callback)` (a Ray Train fit given its callback) in a thread,
     tune.report each of its reports from this thread, and return its result or raise its error.
 
-    When Tune stops the trial (ASHA), tune.report exits this thread: the Train run, if it is still on,
-    is aborted first.
+    The run's last report (`is_last`) goes to Tune once the run has ended, its reservation cancelled
+    and its workers freed: ASHA stops a trial at its last step (max_t), and Tune then ends the trial's
+    actor with no wait for this thread. When Tune stops the trial before that, tune.report exits this
+    thread: the Train run, if it is still on, is ended first (TrainRun.end), as far as the trial's
+    actor lasts.
     """
     reports = ReportQueue()
     outcome: Dict[str, Any] = {}
-    controller = None
 
     def run() -> None:
         try:
@@ -70,23 +99,16 @@ def report_to_tune(train_run: Callable[[UserCallback], Any], poll_s: float = 0.5
     try:
         while thread.is_alive() or not reports.queue.empty():   # a finished run has queued all its reports
             try:
-                report, controller = reports.queue.get(timeout=poll_s)
+                report, reporter = reports.queue.get(timeout=poll_s)
             except Empty:
                 continue
+            if is_last(report):
+                thread.join()
             tune.report(report)
     except SystemExit:                                          # Tune stopped the trial
         if thread.is_alive():
-            abort(controller)
+            reporter.end()
         raise
     if "error" in outcome:
         raise outcome["error"]
     return outcome.get("result")
-
-
-def abort(controller: ray.actor.ActorHandle) -> None:
-    """Abort a Train run the way Ctrl-C does: its controller cancels the run's reservation with the
-    autoscaler, ends its workers, removes their placement group and exits."""
-    try:
-        ray.get(controller.abort.remote(), timeout=ABORT_TIMEOUT_S)
-    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-        pass                                                    # it exited (as abort does), or is stuck
