@@ -99,7 +99,7 @@ def report_to_tune(train_run: Callable[[UserCallback], Any], is_last: Callable[[
     try:
         while thread.is_alive() or not reports.queue.empty():   # a finished run has queued all its reports
             try:
-                report, reporter = reports.queue.get(timeout=poll_s)
+                report, made_by = reports.queue.get(timeout=poll_s)
             except Empty:
                 continue
             if is_last(report):
@@ -107,7 +107,7 @@ def report_to_tune(train_run: Callable[[UserCallback], Any], is_last: Callable[[
             tune.report(report)
     except SystemExit:                                          # Tune stopped the trial
         if thread.is_alive():
-            reporter.end()
+            made_by.end()
         raise
     if "error" in outcome:
         raise outcome["error"]
