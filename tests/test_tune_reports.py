@@ -4,7 +4,8 @@ The trial functions here call the Train callback the way Train's controller does
 another thread) and return at once: the timing under which Ray's TuneReportCallback leaves trials
 RUNNING forever or drops their last report (metamae/distributed/tune_reports.py): with
 `train_run(TuneReportCallback())` in place of `report_to_tune(train_run)`, the first test hangs.
-The last two stop a trial with Tune, at its last report and before: its (stand-in) Train run ends\nfirst.
+The last two stop a trial with Tune, at its last report and before: its (stand-in) Train run ends
+first.
 """
 import sys
 import threading
