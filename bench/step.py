@@ -25,7 +25,9 @@ loss = model(x).total, backward, optimizer step.
   during the timed steps (from /proc/stat); "contended" lists the measurements where it exceeded
   5%, whose timings should be repeated on a quiet machine.
 
-Everything runs with torch.set_num_threads(2). Prints one JSON object to stdout.
+Everything runs with torch.set_num_threads(2) and, as in the training loop, with glibc's malloc
+keeping freed memory (metamae.train.keep_freed_memory; bench/allocator.py measures what that
+gains). Prints one JSON object to stdout.
 
     .venv/bin/python bench/step.py                       # full run (several minutes)
     .venv/bin/python bench/step.py --steps 2 --batch 8   # smoke run
@@ -51,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from metamae.config import TrainConfig  # noqa: E402
 from metamae.modality import ImageSpec, TimeSeriesSpec  # noqa: E402
 from metamae.model import MetaMAE, ModelConfig, ObjectiveConfig  # noqa: E402
-from metamae.train import make_optimizer  # noqa: E402
+from metamae.train import keep_freed_memory, make_optimizer  # noqa: E402
 
 THREADS, WARMUP, MATMUL_N, CONTENDED, PROFILED_STEPS = 2, 3, 2048, 0.05, 3
 MATRIX_PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::mkldnn_convolution",
@@ -222,6 +224,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(THREADS)
+    keeps_freed_memory = keep_freed_memory()
     if args.config:
         print(json.dumps(measure_config(*args.config.split(":"), args.batch, args.steps)))
         return
@@ -231,7 +234,7 @@ def main() -> None:
         return
     matmul = matmul_baseline(args.steps)
     setup = {"torch": torch.__version__, "threads": THREADS, "cpu": cpu_model(), "cpus": os.cpu_count(),
-             "batch": args.batch, "warmup": WARMUP, "steps": args.steps}
+             "keeps_freed_memory": keeps_freed_memory, "batch": args.batch, "warmup": WARMUP, "steps": args.steps}
     report = {"setup": setup, "matmul_2048": matmul, "shapes": {}}
     for shape in args.shapes.split(","):
         results = {method: in_subprocess("--config", f"{shape}:{method}", args.batch, args.steps)

@@ -38,8 +38,8 @@ from metamae.distributed.collectives import ProcessGroupBatch
 from metamae.distributed.stream import StreamConfig, read_split, torch_batches
 from metamae.linear_eval import linear_probe, online_probe
 from metamae.model import Losses, MetaMAE
-from metamae.train import (NonFiniteLoss, RunConfig, check_finite, check_same_run, make_optimizer,
-                           restore_optimizer)
+from metamae.train import (NonFiniteLoss, RunConfig, check_finite, check_same_run, configure_process,
+                           make_optimizer, restore_optimizer)
 
 PRETRAIN = "pretrain"                  # the Ray Data dataset name the workers read
 BEST = "best"                          # the run folder's copy of the best checkpoint by the online probe
@@ -129,8 +129,7 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     out_dir, cfg = Path(config["out_dir"]), run.train
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    configure_process(cfg)
     device = ray.train.torch.get_device()
     data, dataset = load_dataset(run.dataset, seed=cfg.seed)
 
