@@ -1,5 +1,4 @@
 """Linear evaluation: every metric, the probe on frozen features, per-token features."""
-import numpy as np
 import pytest
 import torch
 

@@ -5,7 +5,7 @@ import torch
 
 from metamae.model import random_masking, support_set
 from metamae.modality import nearby_1d, nearby_2d
-from tests.conftest import SPECS, random_batch, tiny_model
+from tests.conftest import random_batch, tiny_model
 from tests.published_reference import RefMetaMAE
 
 # Our parameter names -> the published code's.

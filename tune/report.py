@@ -193,7 +193,7 @@ def plot_probe_curves(trials: list[TrialRecord], path: Path) -> None:
     axis.set_xlabel("step")
     axis.set_ylabel("probe")
     if len(trials) <= 20:
-        axis.legend(fontsize="small")
+        axis.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))   # beside, not over, the curves
     save(figure, path)
 
 
