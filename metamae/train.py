@@ -35,8 +35,8 @@ def keep_freed_memory() -> bool:
     By default glibc hands freed memory back to the kernel: each block over its mmap threshold (128
     KiB, raised on the fly up to 32 MiB) as it is freed, and the heap's top once that exceeds the
     trim threshold. Most of a CPU step's activations are such blocks, so every step faults their
-    pages in afresh: 10-30 thousand page faults per `dabs` PAMAP2 step, 5-20 % of its time on two
-    cores (bench/allocator.py). The process's peak memory stays the same; it no longer shrinks.
+    pages in afresh: 7-25 thousand page faults per `dabs` step, 1-10 % of its time on two cores
+    (bench/allocator.py). The process's peak memory stays the same; it no longer shrinks.
     Returns False, changing nothing, where the C library has no mallopt (macOS) or refuses it.
     """
     try:
