@@ -5,9 +5,9 @@ Per shape and method, two worker processes (this script re-invoked with --worker
 model, optimizer and batch as bench/step.py (`dabs` preset, batch 64, 2 threads): one with glibc's
 default settings, one after keep_freed_memory(). The driver asks them for one training step each
 in turn, alternating which goes first, so both see the same machine speed (it drifts by ±20 % over
-minutes here); only one process computes at a time. Reported: each process's median ms per step and
-page faults per step (minor faults, from getrusage), and the median of the per-round ratios
-kept / default. Prints one JSON object.
+minutes here); only one process computes at a time. Reported: each process's median ms per step,
+page faults per step (minor faults, from getrusage) and peak resident memory (VmHWM), and the median
+of the per-round ratios kept / default. Prints one JSON object.
 
     .venv/bin/python bench/allocator.py                     # both shapes, MAE and second order
     .venv/bin/python bench/allocator.py --shapes pamap2 --methods mae --rounds 4
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.step import SHAPES, THREADS, WARMUP, build, cpu_model, training_step  # noqa: E402
+from bench.step import SHAPES, THREADS, WARMUP, build, cpu_model, proc_status_mb, training_step  # noqa: E402
 from metamae.train import keep_freed_memory  # noqa: E402
 
 SETTINGS = ("default", "kept")
@@ -44,8 +44,8 @@ def worker(shape: str, method: str, setting: str, batch: int) -> None:
         faults, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
         training_step(model, optimizer, x)
         ms = (time.perf_counter() - start) * 1e3
-        print(json.dumps({"ms": ms, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults}),
-              flush=True)
+        print(json.dumps({"ms": ms, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults,
+                          "peak_rss_mb": proc_status_mb("VmHWM")}), flush=True)
 
 
 def paired(shape: str, method: str, batch: int, rounds: int) -> dict:
@@ -74,7 +74,8 @@ def paired(shape: str, method: str, batch: int, rounds: int) -> dict:
             process.stdin.close()
             process.wait()
     report = {s: {"ms_median": statistics.median(r["ms"] for r in results[s]),
-                  "faults_per_step": statistics.median(r["faults"] for r in results[s])} for s in SETTINGS}
+                  "faults_per_step": statistics.median(r["faults"] for r in results[s]),
+                  "peak_rss_mb": results[s][-1]["peak_rss_mb"]} for s in SETTINGS}
     report["time_kept_over_default"] = statistics.median(
         k["ms"] / d["ms"] for k, d in zip(results["kept"], results["default"]))
     return report

@@ -36,7 +36,7 @@ def keep_freed_memory() -> bool:
     KiB, raised on the fly up to 32 MiB) as it is freed, and the heap's top once that exceeds the
     trim threshold. Most of a CPU step's activations are such blocks, so every step faults their
     pages in afresh: 7-25 thousand page faults per `dabs` step, 1-10 % of its time on two cores
-    (bench/allocator.py). The process's peak memory stays the same; it no longer shrinks.
+    (bench/allocator.py). The process's peak memory grows by up to 4 %; it no longer shrinks after it.
     Returns False, changing nothing, where the C library has no mallopt (macOS) or refuses it.
     """
     try:
