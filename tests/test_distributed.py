@@ -24,6 +24,7 @@ from metamae.data.converters.digits import convert
 from metamae.distributed.collectives import ProcessGroupBatch
 from metamae.config import DatasetConfig, ProbeConfig, TrainConfig, TrainerConfig
 from metamae.distributed.trainer import ResourceRequestError, default_environment, fit
+from metamae.distributed.tune_reports import ReportQueue
 from metamae.model import ModelConfig, ObjectiveConfig
 from metamae.train import NonFiniteLoss, RunConfig
 
@@ -118,6 +119,17 @@ def test_two_workers_follow_one_worker_with_the_same_global_batch(local_ray, tmp
     assert weights_one.keys() == weights_two.keys()
     for name, value in weights_one.items():
         assert torch.allclose(weights_two[name].float(), value.float(), atol=8e-3), name
+
+
+def test_a_finished_run_started_again_reports_its_final_metrics_again(local_ray, tmp_path):
+    """A sweep killed after a trial's Train run had finished, but before Tune recorded its last
+    reports, reruns that trial when it resumes: the run, restored at its last step, must report its
+    final metrics (the objective) again, not end with no report at all."""
+    first = fit(run_config(4, 4), QUICK_PROBE, trainer(1), tmp_path)
+    reports = ReportQueue()
+    fit(run_config(4, 4), QUICK_PROBE, trainer(1), tmp_path, callbacks=[reports])
+    again = [report for report, _ in reports.queue.get_nowait_batch(reports.queue.qsize())]
+    assert [r["step"] for r in again] == [4] and again[0]["objective"] == first.metrics["objective"], again
 
 
 def started_at(pid: int) -> int:

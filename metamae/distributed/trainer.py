@@ -146,6 +146,11 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     if state["optimizer"] is not None:
         restore_optimizer(optimizer, state["optimizer"])
     step, best = state["step"], state["best_probe"]
+    if step >= cfg.steps and state["metrics"] is not None:
+        # A finished run started again: a resumed sweep reruns a trial whose last reports it had not
+        # recorded. Its final metrics (the objective) go out again instead of nothing.
+        ray.train.report(state["metrics"])
+        return state["metrics"]
     resumed_from = step
 
     writer = SummaryWriter(str(out_dir / "tensorboard")) if rank == 0 else None
@@ -199,12 +204,14 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
 
 def report(metrics: dict[str, float], model: MetaMAE, optimizer, step: int, run: RunConfig,
            best: Optional[float], rank: int, with_checkpoint: bool) -> None:
-    """ray.train.report from every worker (it is a barrier); rank 0 attaches the checkpoint."""
+    """ray.train.report from every worker (it is a barrier); rank 0 attaches the checkpoint, which
+    keeps the metrics reported with it."""
     if not (with_checkpoint and rank == 0):
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as folder:
-        save_checkpoint(Path(folder) / FILENAME, model, optimizer, step, run.to_dict(), best_probe=best)
+        save_checkpoint(Path(folder) / FILENAME, model, optimizer, step, run.to_dict(), best_probe=best,
+                        metrics=metrics)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder),
                          checkpoint_dir_name=f"checkpoint_{step:08d}")
 
@@ -212,13 +219,14 @@ def report(metrics: dict[str, float], model: MetaMAE, optimizer, step: int, run:
 def restore(checkpoint: Optional[Checkpoint], model: MetaMAE, run: RunConfig) -> dict[str, Any]:
     """Load Ray Train's latest checkpoint (after a failure, or a re-run of the same run folder)."""
     if checkpoint is None:
-        return {"step": 0, "best_probe": None, "optimizer": None}
+        return {"step": 0, "best_probe": None, "optimizer": None, "metrics": None}
     with checkpoint.as_directory() as folder:
         saved = load_checkpoint(Path(folder) / FILENAME)
     check_same_run(saved["config"], run, f"the checkpoint at {checkpoint.path}")
     model.load_state_dict(saved["model"])
     print(f"resuming from {checkpoint.path} at step {saved['step']}", flush=True)
-    return {"step": saved["step"], "best_probe": saved.get("best_probe"), "optimizer": saved["optimizer"]}
+    return {"step": saved["step"], "best_probe": saved.get("best_probe"), "optimizer": saved["optimizer"],
+            "metrics": saved.get("metrics")}
 
 
 def worker_batches(data, run: RunConfig, rank: int, world: int, step: int) -> Iterator[object]:
