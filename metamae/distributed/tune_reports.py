@@ -5,7 +5,9 @@
 
 A Train run ends before its trial does: its reservation with the cluster's autoscaler is cancelled
 and its workers are freed. Killed with the trial's actor instead, the run leaves its reservation
-until it expires (180 s in Ray 2.60), and an autoscaling cluster keeps nodes for it.
+until it expires (180 s in Ray 2.60), and an autoscaling cluster keeps nodes for it. A trial that
+Tune stops early cannot wait for its run to end (Tune ends the trial's actor without waiting), so
+the sweep's driver cancels the reservation of every trial that ends (EndStoppedTrainRuns).
 
 Why not Ray's TuneReportCallback (Ray 2.60): it hands each report through a one-slot queue that
 the trial actor's *main* thread empties and reports again from there. When the Train run ends right
@@ -31,6 +33,7 @@ from ray.train.v2.api.callback import UserCallback
 from ray.util.queue import Queue
 
 CHECKPOINT_PATH = "checkpoint_path"     # the report's key for the path of the checkpoint it saved
+TRAIN_RESERVATION = "train_reservation" # the report's key for its Train run's reservation
 END_TIMEOUT_S = 30                      # for the controller to end the run's workers
 
 
@@ -65,13 +68,26 @@ class ReportQueue(UserCallback):
         self.run: Optional[TrainRun] = None
 
     def after_report(self, run_context: Any, metrics: List[Dict[str, Any]], checkpoint: Optional[Checkpoint]):
-        report = dict(metrics[0])
-        if checkpoint is not None:
-            report[CHECKPOINT_PATH] = checkpoint.path
         if self.run is None:
             self.run = TrainRun(ray.get_runtime_context().current_actor, get_or_create_autoscaling_coordinator(),
                                 f"train-{run_context.run_id}")
+        report = {**metrics[0], TRAIN_RESERVATION: self.run.reservation}
+        if checkpoint is not None:
+            report[CHECKPOINT_PATH] = checkpoint.path
         self.queue.put((report, self.run))
+
+
+class EndStoppedTrainRuns(tune.Callback):
+    """On the sweep's driver: when a trial ends, cancel its Train run's reservation (named in its
+    reports) with the cluster's autoscaling coordinator, a detached actor. A trial that Tune stops
+    early ends its run itself (TrainRun.end), but only as far as its actor lasts, and Tune does not
+    wait for it; from here the cancel is certain. A run that has ended has no reservation left, and
+    cancelling it again does nothing."""
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info) -> None:
+        reservation = (trial.last_result or {}).get(TRAIN_RESERVATION)
+        if reservation:
+            get_or_create_autoscaling_coordinator().cancel_request.remote(reservation)
 
 
 def report_to_tune(train_run: Callable[[UserCallback], Any], is_last: Callable[[dict], bool] = lambda report: False,
