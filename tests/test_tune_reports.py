@@ -20,7 +20,7 @@ from ray.data._internal.cluster_autoscaler import get_or_create_autoscaling_coor
 from ray.train import Checkpoint
 from ray.util.state import list_actors
 
-from metamae.distributed.tune_reports import CHECKPOINT_PATH, EndStoppedTrainRuns, report_to_tune
+from metamae.distributed.tune_reports import CHECKPOINT_PATH, CancelTrainReservations, report_to_tune
 
 REPORTS = 3
 RUN = SimpleNamespace(run_id="stand-in")     # what Train passes its callbacks as run_context, in part
@@ -123,7 +123,7 @@ def stopped_at(i, reports, tmp_path):
     tuner = tune.Tuner(tune.with_resources(runs_a_controller, {"cpu": 0.1}),
                        param_space={"folder": str(tmp_path), "reports": reports},
                        run_config=tune.RunConfig(storage_path=str(tmp_path), name="stopped", verbose=0,
-                                                 stop={"i": i}, callbacks=[EndStoppedTrainRuns()]))
+                                                 stop={"i": i}, callbacks=[CancelTrainReservations()]))
     (result,) = tuner.fit()
     coordinator = get_or_create_autoscaling_coordinator()
     return result, ray.get(coordinator.__ray_call__.remote(lambda self: list(self._ongoing_reqs)))

@@ -35,7 +35,7 @@ from ray.tune.search.optuna import OptunaSearch
 from metamae.config import CONFIG_DIR, METRICS, ExperimentConfig, PretrainConfig, register, to_object
 from metamae.data import load_dataset
 from metamae.distributed.trainer import default_environment, fit
-from metamae.distributed.tune_reports import EndStoppedTrainRuns, report_to_tune
+from metamae.distributed.tune_reports import CancelTrainReservations, report_to_tune
 from metamae.linear_eval import linear_probe
 from metamae.pretrain import random_init_encoder
 from metamae.train import RunConfig
@@ -195,7 +195,7 @@ def sweep_dataset(cfg: SweepJobConfig, base: dict[str, Any], space: dict[str, An
         trainable, param_space=space,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=cfg.sweep.num_samples,
                                     max_concurrent_trials=concurrent),
-        run_config=tune.RunConfig(storage_path=sweep_dir, name=name, callbacks=[EndStoppedTrainRuns()],
+        run_config=tune.RunConfig(storage_path=sweep_dir, name=name, callbacks=[CancelTrainReservations()],
                                   failure_config=tune.FailureConfig(max_failures=cfg.sweep.trial_retries)))
     return tuner.fit()
 

@@ -138,6 +138,11 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     if world > 1:
         model.split_batch_over(ProcessGroupBatch())
     state = restore(ray.train.get_checkpoint(), model, run)
+    if state["step"] >= cfg.steps and state["metrics"] is not None:
+        # A finished run started again: a resumed sweep reruns a trial whose last reports it had not
+        # recorded. Its final metrics (the objective) go out again instead of nothing.
+        ray.train.report(state["metrics"])
+        return state["metrics"]
     if trainer.compile:
         for block in model.encoder:
             block.compile()
@@ -146,11 +151,6 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     if state["optimizer"] is not None:
         restore_optimizer(optimizer, state["optimizer"])
     step, best = state["step"], state["best_probe"]
-    if step >= cfg.steps and state["metrics"] is not None:
-        # A finished run started again: a resumed sweep reruns a trial whose last reports it had not
-        # recorded. Its final metrics (the objective) go out again instead of nothing.
-        ray.train.report(state["metrics"])
-        return state["metrics"]
     resumed_from = step
 
     writer = SummaryWriter(str(out_dir / "tensorboard")) if rank == 0 else None

@@ -7,7 +7,7 @@ A Train run ends before its trial does: its reservation with the cluster's autos
 and its workers are freed. Killed with the trial's actor instead, the run leaves its reservation
 until it expires (180 s in Ray 2.60), and an autoscaling cluster keeps nodes for it. A trial that
 Tune stops early cannot wait for its run to end (Tune ends the trial's actor without waiting), so
-the sweep's driver cancels the reservation of every trial that ends (EndStoppedTrainRuns).
+the sweep's driver cancels the reservation of every trial that ends (CancelTrainReservations).
 
 Why not Ray's TuneReportCallback (Ray 2.60): it hands each report through a one-slot queue that
 the trial actor's *main* thread empties and reports again from there. When the Train run ends right
@@ -39,23 +39,20 @@ END_TIMEOUT_S = 30                      # for the controller to end the run's wo
 
 @dataclass(frozen=True)
 class TrainRun:
-    """The Ray Train run that made a report: its controller (an actor), the cluster's autoscaling
-    coordinator (a detached actor) and the name of the run's reservation there. (Private Ray APIs,
-    Ray 2.60: Train reserves its workers' resources as train-<run id>.)"""
+    """The Ray Train run that made a report: its controller (an actor) and the name of its
+    reservation with the cluster's autoscaling coordinator. (Private Ray APIs, Ray 2.60: Train
+    reserves its workers' resources as train-<run id>.)"""
     controller: ray.actor.ActorHandle
-    coordinator: ray.actor.ActorHandle
     reservation: str
 
     def end(self) -> None:
-        """End the run now: cancel its reservation and abort its controller, as Ctrl-C does (which
-        ends the workers and removes their placement group). Both are sent at once, before the trial's
-        actor can end, and the controller with it."""
-        sent = [self.coordinator.cancel_request.remote(self.reservation), self.controller.abort.remote()]
-        for reply in sent:
-            try:
-                ray.get(reply, timeout=END_TIMEOUT_S)
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                pass                    # the controller exited (as abort does), or it is stuck
+        """Abort the run now, as Ctrl-C does (which ends the workers and removes their placement
+        group), before the trial's actor ends and the controller with it, if it can. Its reservation
+        is cancelled by the sweep's driver (CancelTrainReservations)."""
+        try:
+            ray.get(self.controller.abort.remote(), timeout=END_TIMEOUT_S)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            pass                        # the controller exited (as abort does), or it is stuck
 
 
 class ReportQueue(UserCallback):
@@ -69,20 +66,18 @@ class ReportQueue(UserCallback):
 
     def after_report(self, run_context: Any, metrics: List[Dict[str, Any]], checkpoint: Optional[Checkpoint]):
         if self.run is None:
-            self.run = TrainRun(ray.get_runtime_context().current_actor, get_or_create_autoscaling_coordinator(),
-                                f"train-{run_context.run_id}")
+            self.run = TrainRun(ray.get_runtime_context().current_actor, f"train-{run_context.run_id}")
         report = {**metrics[0], TRAIN_RESERVATION: self.run.reservation}
         if checkpoint is not None:
             report[CHECKPOINT_PATH] = checkpoint.path
         self.queue.put((report, self.run))
 
 
-class EndStoppedTrainRuns(tune.Callback):
+class CancelTrainReservations(tune.Callback):
     """On the sweep's driver: when a trial ends, cancel its Train run's reservation (named in its
     reports) with the cluster's autoscaling coordinator, a detached actor. A trial that Tune stops
-    early ends its run itself (TrainRun.end), but only as far as its actor lasts, and Tune does not
-    wait for it; from here the cancel is certain. A run that has ended has no reservation left, and
-    cancelling it again does nothing."""
+    early cannot do it itself: Tune ends the trial's actor without waiting for it. A run that has
+    ended has no reservation left, and cancelling it again does nothing."""
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info) -> None:
         reservation = (trial.last_result or {}).get(TRAIN_RESERVATION)
@@ -98,8 +93,8 @@ def report_to_tune(train_run: Callable[[UserCallback], Any], is_last: Callable[[
     The run's last report (`is_last`) goes to Tune once the run has ended, its reservation cancelled
     and its workers freed: ASHA stops a trial at its last step (max_t), and Tune then ends the trial's
     actor with no wait for this thread. When Tune stops the trial before that, tune.report exits this
-    thread: the Train run, if it is still on, is ended first (TrainRun.end), as far as the trial's
-    actor lasts.
+    thread: the Train run, if it is still on, is aborted (TrainRun.end), as far as the trial's actor
+    lasts, and the sweep's driver cancels its reservation (CancelTrainReservations).
     """
     reports = ReportQueue()
     outcome: Dict[str, Any] = {}
