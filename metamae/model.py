@@ -215,6 +215,20 @@ def weighted_mean(token_loss: torch.Tensor, weight: torch.Tensor, group: BatchGr
     return group.size * (token_loss * weight).sum() / group.sum(weight.sum())
 
 
+def gradient(f, z: torch.Tensor, create_graph: bool):
+    """∇_z f(z)[0] and f(z)[1], for f returning (a scalar, an auxiliary value).
+
+    Eager: autograd.grad, 5 % faster there than torch.func. Under torch.compile: torch.func, which
+    dynamo traces where it breaks the graph at autograd.grad, so the double backward compiles too.
+    """
+    if torch.compiler.is_compiling():
+        grad, aux = torch.func.grad(f, has_aux=True)(z)
+        return (grad if create_graph else grad.detach()), aux
+    value, aux = f(z)
+    grad, = torch.autograd.grad(value, z, create_graph=create_graph)
+    return grad, aux
+
+
 def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float, group: BatchGroup = ONE_PROCESS) -> torch.Tensor:
     """Symmetric InfoNCE between two views, b × P each; row i's positive is row i of the other view.
 
@@ -331,14 +345,18 @@ class MetaMAE(nn.Module):
         outer gradient flows through it; first order treats it as a constant.
         """
         second_order = not self.objective.first_order
-        support_before = None
-        for _ in range(self.objective.inner_steps):
+
+        def scaled_support_loss(z):
             pred = self.decode(z, restore, twice_differentiable=second_order)
             support_loss = weighted_mean(self.tokenizer.token_loss(pred, target), support, self.group)
+            # b · size · (Σ_b s ℓ) / (Σ_B s) = B · R: its gradient at this process's z is the global one
+            return support_loss * z.shape[0], support_loss
+
+        support_before = None
+        for _ in range(self.objective.inner_steps):
+            grad, support_loss = gradient(scaled_support_loss, z, create_graph=second_order)
             if support_before is None:
                 support_before = support_loss
-            # b · size · (Σ_b s ℓ) / (Σ_B s) = B · R: its gradient at this process's z is the global one
-            grad, = torch.autograd.grad(support_loss * z.shape[0], z, create_graph=second_order)
             z = z - self.inner_lr * grad                                       # B × (1+K) × D
         return z, support_before
 

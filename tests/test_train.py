@@ -13,8 +13,9 @@ from metamae.checkpoint import FILENAME, load_checkpoint, model_from_checkpoint
 from metamae.config import DatasetConfig, TrainConfig
 from metamae.data.arrays import Split, batches
 from metamae.data.digits import digits
-from metamae.model import ModelConfig, ObjectiveConfig
-from metamae.train import NonFiniteLoss, RunConfig, make_optimizer, pretrain, restore_optimizer
+from metamae.model import MetaMAE, ModelConfig, ObjectiveConfig
+from metamae.train import (NonFiniteLoss, RunConfig, compile_loss, make_optimizer, pretrain, restore_optimizer,
+                           train_step)
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ModelConfig(enc_width=32, enc_depth=2, enc_heads=4, dec_width=16, dec_depth=1, dec_heads=2)
@@ -164,3 +165,26 @@ def test_keeping_freed_memory_stops_the_page_faults_of_a_reallocated_tensor():
     assert run.returncode == 0, run.stderr
     default, kept = map(float, run.stdout.split())
     assert default > 10_000 and kept < 100, (default, kept)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_a_compiled_loss_trains_as_the_eager_one_draw_for_draw(first_order):
+    """torch.compile of the whole loss (the inner step's double backward included) with dropout on:
+    the same losses and weights as eager mode, step by step."""
+    data, objective = digits(), ObjectiveConfig(first_order=first_order)
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = MetaMAE(data.spec, SMALL, objective)
+        if compiled:
+            compile_loss(model)
+        optimizer = make_optimizer(model, TrainConfig())
+        torch.manual_seed(1)
+        losses = [train_step(model, optimizer, x, step).scalars()
+                  for step, (x, _) in enumerate(batches(data.train, 64), start=1) if step <= 3]
+        runs.append((losses, model.state_dict()))
+    (eager_losses, eager_weights), (compiled_losses, compiled_weights) = runs
+    for eager, compiled in zip(eager_losses, compiled_losses):
+        assert compiled == pytest.approx(eager, rel=1e-5, abs=1e-6)
+    for name, weight in eager_weights.items():
+        torch.testing.assert_close(compiled_weights[name], weight, rtol=1e-4, atol=1e-5, msg=name)

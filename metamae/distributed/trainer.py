@@ -38,8 +38,8 @@ from metamae.distributed.collectives import ProcessGroupBatch
 from metamae.distributed.stream import StreamConfig, read_split, torch_batches
 from metamae.linear_eval import linear_probe, online_probe
 from metamae.model import Losses, MetaMAE
-from metamae.train import (NonFiniteLoss, RunConfig, check_finite, check_same_run, configure_process,
-                           make_optimizer, restore_optimizer)
+from metamae.train import (NonFiniteLoss, RunConfig, check_finite, check_same_run, compile_loss,
+                           configure_process, make_optimizer, restore_optimizer)
 
 PRETRAIN = "pretrain"                  # the Ray Data dataset name the workers read
 BEST = "best"                          # the run folder's copy of the best checkpoint by the online probe
@@ -143,9 +143,8 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
         # recorded. Its final metrics (the objective) go out again instead of nothing.
         ray.train.report(state["metrics"])
         return state["metrics"]
-    if trainer.compile:
-        for block in model.encoder:
-            block.compile()
+    if cfg.compile:
+        compile_loss(model)
     ddp = ray.train.torch.prepare_model(model)               # DDP over the workers; on this device
     optimizer = make_optimizer(model, cfg)
     if state["optimizer"] is not None:
