@@ -27,11 +27,15 @@ loss = model(x).total, backward, optimizer step.
 
 Everything runs with torch.set_num_threads(2) and, as in the training loop, with glibc's malloc
 keeping freed memory (metamae.train.keep_freed_memory; bench/allocator.py measures what that
-gains). Prints one JSON object to stdout.
+gains). With --compile every model's loss is compiled as train.compile=true does
+(metamae.train.compile_loss): the first warm-up step compiles (1-2 minutes each on 2 cores), the
+FLOPs are counted on the model before it is compiled (the same math), and the memory columns
+include the compiled code. Prints one JSON object to stdout.
 
     .venv/bin/python bench/step.py                       # full run (several minutes)
     .venv/bin/python bench/step.py --steps 2 --batch 8   # smoke run
     .venv/bin/python bench/step.py --shapes pamap2 --methods mae,second_order
+    .venv/bin/python bench/step.py --compile             # compiled losses (about 25 minutes)
 """
 from __future__ import annotations
 
@@ -53,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from metamae.config import TrainConfig  # noqa: E402
 from metamae.modality import ImageSpec, TimeSeriesSpec  # noqa: E402
 from metamae.model import MetaMAE, ModelConfig, ObjectiveConfig  # noqa: E402
-from metamae.train import keep_freed_memory, make_optimizer  # noqa: E402
+from metamae.train import compile_loss, keep_freed_memory, make_optimizer  # noqa: E402
 
 THREADS, WARMUP, MATMUL_N, CONTENDED, PROFILED_STEPS = 2, 3, 2048, 0.05, 3
 MATRIX_PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::mkldnn_convolution",
@@ -149,29 +153,33 @@ def breakdown(step, gflop: float) -> dict:
             "matrix_products_gflop_per_s": gflop / (products / 1e6 / PROFILED_STEPS)}
 
 
-def measure_config(shape: str, method: str, batch: int, steps: int) -> dict:
-    """One configuration, in this process: time, memory, then FLOPs and the profile (both slow)."""
+def measure_config(shape: str, method: str, batch: int, steps: int, compiled: bool) -> dict:
+    """One configuration, in this process: FLOPs (eager), time, memory, then the profile (slow)."""
     torch.manual_seed(0)
     model, optimizer, x = build(shape, method, batch)
     step = functools.partial(training_step, model, optimizer, x)
-    setup_rss = proc_status_mb("VmRSS")
-    stats = timed(step, steps)
-    peak_rss = proc_status_mb("VmHWM")
     with FlopCounterMode(display=False) as counter:
         step()
     gflop = counter.get_total_flops() / 1e9
+    if compiled:
+        compile_loss(model)
+    setup_rss = proc_status_mb("VmRSS")
+    stats = timed(step, steps)
+    peak_rss = proc_status_mb("VmHWM")
     return {**stats, "gflop": gflop, "gflop_per_s": gflop / (stats["ms_median"] / 1e3),
             "setup_rss_mb": setup_rss, "peak_rss_mb": peak_rss, "step_extra_mb": peak_rss - setup_rss,
             "breakdown": breakdown(step, gflop)}
 
 
-def measure_paired(shape: str, methods: list[str], batch: int, rounds: int) -> dict:
+def measure_paired(shape: str, methods: list[str], batch: int, rounds: int, compiled: bool) -> dict:
     """Every method's model in this process, one step of each in turn: per method, the median of
     its per-round time over MAE's (MAE must be among the methods)."""
     steps = {}
     for method in methods:
         torch.manual_seed(0)
         model, optimizer, x = build(shape, method, batch)
+        if compiled:
+            compile_loss(model)
         steps[method] = functools.partial(training_step, model, optimizer, x)
     for step in steps.values():
         for _ in range(WARMUP):
@@ -186,17 +194,18 @@ def measure_paired(shape: str, methods: list[str], batch: int, rounds: int) -> d
             for method in methods if method != "mae"}
 
 
-def in_subprocess(flag: str, value: str, batch: int, steps: int):
+def in_subprocess(flag: str, value: str, args: argparse.Namespace):
     """This script re-invoked with `flag value` (a fresh process: its own peak memory)."""
-    command = [sys.executable, __file__, flag, value, "--batch", str(batch), "--steps", str(steps)]
+    command = [sys.executable, __file__, flag, value, "--batch", str(args.batch), "--steps", str(args.steps),
+               *(["--compile"] if args.compile else [])]
     return json.loads(subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout)
 
 
-def ratios(shape: str, results: dict, batch: int, steps: int) -> dict:
+def ratios(shape: str, results: dict, args: argparse.Namespace) -> dict:
     """Per method: paired time and FLOPs relative to MAE (only if MAE was measured)."""
     if "mae" not in results or len(results) == 1:
         return {}
-    paired = in_subprocess("--paired", f"{shape}:{','.join(results)}", batch, steps)
+    paired = in_subprocess("--paired", f"{shape}:{','.join(results)}", args)
     mae = results["mae"]
     return {f"{m}_over_mae": {"time_paired": paired[m], "time_of_medians": r["ms_median"] / mae["ms_median"],
                               "flop": r["gflop"] / mae["gflop"]}
@@ -216,6 +225,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--compile", action="store_true", help="torch.compile each loss, as train.compile=true does")
     p.add_argument("--config", help=argparse.SUPPRESS)    # shape:method; internal, one subprocess
     p.add_argument("--paired", help=argparse.SUPPRESS)    # shape:method,method,...; internal
     return p.parse_args()
@@ -226,25 +236,26 @@ def main() -> None:
     torch.set_num_threads(THREADS)
     keeps_freed_memory = keep_freed_memory()
     if args.config:
-        print(json.dumps(measure_config(*args.config.split(":"), args.batch, args.steps)))
+        print(json.dumps(measure_config(*args.config.split(":"), args.batch, args.steps, args.compile)))
         return
     if args.paired:
         shape, methods = args.paired.split(":")
-        print(json.dumps(measure_paired(shape, methods.split(","), args.batch, args.steps)))
+        print(json.dumps(measure_paired(shape, methods.split(","), args.batch, args.steps, args.compile)))
         return
     matmul = matmul_baseline(args.steps)
     setup = {"torch": torch.__version__, "threads": THREADS, "cpu": cpu_model(), "cpus": os.cpu_count(),
-             "keeps_freed_memory": keeps_freed_memory, "batch": args.batch, "warmup": WARMUP, "steps": args.steps}
+             "keeps_freed_memory": keeps_freed_memory, "compiled": args.compile, "batch": args.batch,
+             "warmup": WARMUP, "steps": args.steps}
     report = {"setup": setup, "matmul_2048": matmul, "shapes": {}}
     for shape in args.shapes.split(","):
-        results = {method: in_subprocess("--config", f"{shape}:{method}", args.batch, args.steps)
+        results = {method: in_subprocess("--config", f"{shape}:{method}", args)
                    for method in args.methods.split(",")}
         for r in results.values():
             r["fraction_of_matmul"] = r["gflop_per_s"] / matmul["gflop_per_s"]
             r["breakdown"]["matrix_products_fraction_of_matmul"] = (
                 r["breakdown"]["matrix_products_gflop_per_s"] / matmul["gflop_per_s"])
         report["shapes"][shape] = {"methods": results,
-                                   "ratios": ratios(shape, results, args.batch, args.steps)}
+                                   "ratios": ratios(shape, results, args)}
     report["contended"] = [name for name, r in measurements(report) if r["other_cpu_share"] > CONTENDED]
     print(json.dumps(report, indent=2))
 
