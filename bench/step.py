@@ -15,8 +15,10 @@ loss = model(x).total, backward, optimizer step.
   and their GFLOP/s, dropout's mask draws (bernoulli_), and everything else, each as a share of the step.
 - paired ratios: the step time of each method over MAE's, measured in one process that holds every
   method's model and runs one step of each in turn (--steps rounds after the warm-up): the median of
-  the per-round ratios. The machine's speed drifts by ±20 % over minutes; a ratio of two medians
-  taken minutes apart in separate processes carries that drift, a per-round ratio does not.
+  the per-round ratios. With --compile that process also holds an eager twin of each compiled
+  model, which gives each method's compiled time over its eager time the same way. The
+  machine's speed drifts by ±20 % over minutes; a ratio of two medians taken minutes apart in
+  separate processes carries that drift, a per-round ratio does not.
 - memory: each configuration runs in its own subprocess (this script re-invoked with --config).
   peak_rss_mb is that process's VmHWM (peak resident set, from /proc/self/status) after the
   timed steps; setup_rss_mb is its VmRSS once the model, optimizer and batch exist; step_extra_mb
@@ -35,7 +37,7 @@ include the compiled code. Prints one JSON object to stdout.
     .venv/bin/python bench/step.py                       # full run (several minutes)
     .venv/bin/python bench/step.py --steps 2 --batch 8   # smoke run
     .venv/bin/python bench/step.py --shapes pamap2 --methods mae,second_order
-    .venv/bin/python bench/step.py --compile             # compiled losses (about 25 minutes)
+    .venv/bin/python bench/step.py --compile             # compiled losses (9-13 minutes)
 """
 from __future__ import annotations
 
@@ -172,26 +174,39 @@ def measure_config(shape: str, method: str, batch: int, steps: int, compiled: bo
 
 
 def measure_paired(shape: str, methods: list[str], batch: int, rounds: int, compiled: bool) -> dict:
-    """Every method's model in this process, one step of each in turn: per method, the median of
-    its per-round time over MAE's (MAE must be among the methods)."""
+    """Every model in this process, one step of each in turn (`rounds` rounds after the warm-up).
+
+    over_mae: per method, the median of its per-round time over MAE's (when MAE is measured).
+    compiled_over_eager (compiled only): each method's model also runs eagerly beside its compiled
+    twin; per method, the median of compiled over eager.
+    """
+    modes = ("compiled", "eager") if compiled else ("eager",)
     steps = {}
     for method in methods:
-        torch.manual_seed(0)
-        model, optimizer, x = build(shape, method, batch)
-        if compiled:
-            compile_loss(model)
-        steps[method] = functools.partial(training_step, model, optimizer, x)
+        for mode in modes:
+            torch.manual_seed(0)
+            model, optimizer, x = build(shape, method, batch)
+            if mode == "compiled":
+                compile_loss(model)
+            steps[method, mode] = functools.partial(training_step, model, optimizer, x)
     for step in steps.values():
         for _ in range(WARMUP):
             step()
-    times = {method: [] for method in methods}
+    times = {key: [] for key in steps}
     for _ in range(rounds):
-        for method, step in steps.items():
+        for key, step in steps.items():
             start = time.perf_counter()
             step()
-            times[method].append(time.perf_counter() - start)
-    return {method: statistics.median(t / m for t, m in zip(times[method], times["mae"]))
-            for method in methods if method != "mae"}
+            times[key].append(time.perf_counter() - start)
+
+    def ratio(a, b) -> float:
+        return statistics.median(t / u for t, u in zip(times[a], times[b]))
+
+    report = {"over_mae": {m: ratio((m, modes[0]), ("mae", modes[0]))
+                           for m in methods if m != "mae" and "mae" in methods}}
+    if compiled:
+        report["compiled_over_eager"] = {m: ratio((m, "compiled"), (m, "eager")) for m in methods}
+    return report
 
 
 def in_subprocess(flag: str, value: str, args: argparse.Namespace):
@@ -202,14 +217,18 @@ def in_subprocess(flag: str, value: str, args: argparse.Namespace):
 
 
 def ratios(shape: str, results: dict, args: argparse.Namespace) -> dict:
-    """Per method: paired time and FLOPs relative to MAE (only if MAE was measured)."""
-    if "mae" not in results or len(results) == 1:
+    """Paired times: per method over MAE's, beside the FLOP ratio (if MAE was measured), and
+    compiled over eager (--compile)."""
+    if "mae" not in results and not args.compile:
         return {}
     paired = in_subprocess("--paired", f"{shape}:{','.join(results)}", args)
-    mae = results["mae"]
-    return {f"{m}_over_mae": {"time_paired": paired[m], "time_of_medians": r["ms_median"] / mae["ms_median"],
-                              "flop": r["gflop"] / mae["gflop"]}
-            for m, r in results.items() if m != "mae"}
+    report = {f"{m}_over_mae": {"time_paired": time_ratio,
+                                "time_of_medians": results[m]["ms_median"] / results["mae"]["ms_median"],
+                                "flop": results[m]["gflop"] / results["mae"]["gflop"]}
+              for m, time_ratio in paired["over_mae"].items()}
+    if args.compile:
+        report["compiled_over_eager_paired"] = paired["compiled_over_eager"]
+    return report
 
 
 def measurements(report: dict):

@@ -56,9 +56,10 @@ def configure_process(cfg: TrainConfig) -> None:
 def compile_loss(model: MetaMAE) -> None:
     """torch.compile the model's loss, forward and backward, the inner step's double backward included.
 
-    Dropout keeps drawing eager mode's random stream (inductor's fallback_random), so a compiled run
-    draws what an eager one does. On 2 CPU cores the first step compiles for 1-2 minutes; a `dabs`
-    second-order PAMAP2 step then takes 0.85 of its eager time, an MAE step 0.96 (bench/step.py).
+    Dropout keeps drawing eager mode's random stream (inductor's fallback_random, set process-wide),
+    so a compiled run draws what an eager one does. On 2 CPU cores the first step compiles for 1-2
+    minutes; a `dabs` PAMAP2 step then takes 0.84 of its eager time for MetaMAE (second order), 0.93
+    for MAE (bench/step.py --compile, paired).
     """
     torch._inductor.config.fallback_random = True
     model.compile()
