@@ -219,7 +219,7 @@ def in_subprocess(flag: str, value: str, args: argparse.Namespace):
 def ratios(shape: str, results: dict, args: argparse.Namespace) -> dict:
     """Paired times: per method over MAE's, beside the FLOP ratio (if MAE was measured), and
     compiled over eager (--compile)."""
-    if "mae" not in results and not args.compile:
+    if not args.compile and ("mae" not in results or len(results) == 1):
         return {}
     paired = in_subprocess("--paired", f"{shape}:{','.join(results)}", args)
     report = {f"{m}_over_mae": {"time_paired": time_ratio,
