@@ -53,16 +53,17 @@ def configure_process(cfg: TrainConfig) -> None:
     keep_freed_memory()
 
 
-def compile_loss(model: MetaMAE) -> None:
+def compile_loss(model: MetaMAE, backend: str = "inductor") -> None:
     """torch.compile the model's loss, forward and backward, the inner step's double backward included.
 
     Dropout keeps drawing eager mode's random stream (inductor's fallback_random, set process-wide),
     so a compiled run draws what an eager one does. On 2 CPU cores the first step compiles for 1-2
     minutes; a `dabs` PAMAP2 step then takes 0.84 of its eager time for MetaMAE (second order), 0.93
-    for MAE (bench/step.py --compile, paired).
+    for MAE (bench/step.py --compile, paired). Shapes stay static: a batch of a new size compiles
+    again, where a dynamic batch dimension would fail to trace the masking draw (torch.rand).
     """
     torch._inductor.config.fallback_random = True
-    model.compile()
+    model.compile(backend=backend, dynamic=False)
 
 
 def make_optimizer(model: MetaMAE, cfg: TrainConfig) -> torch.optim.AdamW:

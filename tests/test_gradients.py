@@ -3,6 +3,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
+from metamae.train import compile_loss
 from tests.conftest import SPECS, random_batch, tiny_model
 
 
@@ -75,16 +76,17 @@ def test_first_order_differs_from_second_order_and_equals_detached_inner_gradien
 def test_compiled_meta_gradients_equal_the_eager_ones(first_order):
     """Under torch.compile the inner gradient goes through torch.func; first order still drops its
     graph. aot_eager traces what inductor would compile, without building C++ (test_train.py
-    compiles with inductor)."""
+    compiles with inductor). A batch of another size, drawing its own masks, compiles again."""
     eager = tiny_model("timeseries", first_order=first_order, contrastive_weight=1.0)
     compiled = tiny_model("timeseries", first_order=first_order, contrastive_weight=1.0)
-    compiled.compile(backend="aot_eager")
+    compile_loss(compiled, backend="aot_eager")
     x = random_batch(eager.spec, 6, torch.Generator().manual_seed(0), torch.float64)
     u0, u1 = fixed_draws(eager, 6)
     g_eager, g_compiled = grads(eager, x, u0, u1), grads(compiled, x, u0, u1)
     assert g_compiled.keys() == g_eager.keys()
     for name in g_eager:
         torch.testing.assert_close(g_compiled[name], g_eager[name], rtol=1e-9, atol=1e-12, msg=name)
+    assert torch.isfinite(compiled(x[:4]).total)
 
 
 @pytest.mark.parametrize("kind", sorted(SPECS))
