@@ -184,7 +184,7 @@ def test_a_compiled_loss_trains_as_the_eager_one_draw_for_draw():
                   for step, (x, _) in zip(range(1, 4), batches(data.train, 64))]
         runs.append((losses, model.state_dict()))
     (eager_losses, eager_weights), (compiled_losses, compiled_weights) = runs
-    for eager, compiled in zip(eager_losses, compiled_losses):
-        assert compiled == pytest.approx(eager, rel=1e-5, abs=1e-6)
+    for eager_step, compiled_step in zip(eager_losses, compiled_losses):
+        assert compiled_step == pytest.approx(eager_step, rel=1e-5, abs=1e-6)
     for name, weight in eager_weights.items():
         torch.testing.assert_close(compiled_weights[name], weight, rtol=1e-4, atol=1e-5, msg=name)
