@@ -18,7 +18,7 @@ from tensorboardX import SummaryWriter
 
 from metamae.checkpoint import FILENAME, load_checkpoint, save_checkpoint
 from metamae.config import DatasetConfig, TrainConfig
-from metamae.data.arrays import Dataset, endless_batches
+from metamae.data.arrays import ArrayDataset, Dataset, batches_from_step, endless_batches, to_tensors
 from metamae.model import Losses, MetaMAE, ModelConfig, ObjectiveConfig
 
 
@@ -126,12 +126,11 @@ def pretrain(run: RunConfig, data: Dataset, out_dir: Path, log: bool = True) -> 
         return model
 
     writer = SummaryWriter(str(out_dir / "tensorboard"))
-    stream: Iterator = endless_batches(data, run.dataset.pretrain_split, run.dataset.batch_size,
-                                       seed=cfg.seed + step)
+    stream = pretrain_inputs(data, run, step)
     last_log, examples = time.perf_counter(), 0
     try:
         while step < cfg.steps:
-            x, _ = next(stream)
+            x = next(stream)
             step += 1
             losses = train_step(model, optimizer, _to(x, cfg.device), step)
             examples += run.dataset.batch_size
@@ -149,6 +148,15 @@ def pretrain(run: RunConfig, data: Dataset, out_dir: Path, log: bool = True) -> 
     finally:
         writer.close()
     return model
+
+
+def pretrain_inputs(data: Dataset, run: RunConfig, step: int) -> Iterator:
+    """Input batches for steps step+1, step+2, ...: in-memory data in exactly the order an
+    uninterrupted run sees it; shards (streamed, not indexable) reshuffled from the step on resume."""
+    split, batch_size, seed = run.dataset.pretrain_split, run.dataset.batch_size, run.train.seed
+    if isinstance(data, ArrayDataset):
+        return (to_tensors(batch.x) for batch in batches_from_step(data.split(split), batch_size, seed, step))
+    return (x for x, _ in endless_batches(data, split, batch_size, seed=seed + step))
 
 
 def check_same_run(saved: dict[str, Any], run: RunConfig, where: str) -> None:

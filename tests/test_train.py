@@ -48,15 +48,17 @@ def test_200_steps_on_the_embedded_digits_lower_the_training_loss(tmp_path, meth
     assert list((tmp_path / "trained" / "tensorboard").glob("events.out.tfevents.*"))
 
 
-def test_a_run_resumes_from_its_checkpoint_at_its_step_and_saves_what_it_trained(tmp_path):
+def test_a_resumed_run_saves_what_it_trained_and_trains_as_an_uninterrupted_one(tmp_path):
     data = digits()
     pretrain(run_config(50), data, tmp_path / "resumed", log=False)
     assert load_checkpoint(tmp_path / "resumed")["step"] == 50
     resumed = pretrain(run_config(100), data, tmp_path / "resumed", log=False)
     assert load_checkpoint(tmp_path / "resumed" / FILENAME)["step"] == 100
     reloaded = model_from_checkpoint(load_checkpoint(tmp_path / "resumed"))
-    for (name, a), b in zip(resumed.state_dict().items(), reloaded.state_dict().values()):
-        assert torch.equal(a, b), name
+    uninterrupted = pretrain(run_config(100), data, tmp_path / "uninterrupted", log=False)
+    for name, weight in resumed.state_dict().items():
+        assert torch.equal(weight, reloaded.state_dict()[name]), name
+        assert torch.equal(weight, uninterrupted.state_dict()[name]), name       # same batches, draws, moments
     assert not list((tmp_path / "resumed").glob("*.tmp"))
 
 

@@ -82,6 +82,15 @@ def batch_indices(num_examples: int, batch_size: int, seed: int, step: int) -> n
     return order[index * batch_size:(index + 1) * batch_size]
 
 
+def batches_from_step(split: Split, batch_size: int, seed: int, step: int,
+                      rows: slice = slice(None)) -> Iterator[Split]:
+    """Steps step+1, step+2, ... of `endless_batches(seed)` (optionally some rows of each batch),
+    found from the step alone: a resumed run goes on with the batches an uninterrupted one sees."""
+    while True:
+        step += 1
+        yield split.take(batch_indices(len(split), batch_size, seed, step)[rows])
+
+
 def endless_batches(dataset: Dataset, split: str, batch_size: int, seed: int) -> Iterator[tuple[object, torch.Tensor]]:
     """Full batches of a split, epoch after epoch; epoch e is shuffled with seed + e."""
     epoch = 0

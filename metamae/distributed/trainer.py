@@ -33,7 +33,7 @@ from tensorboardX import SummaryWriter
 from metamae.checkpoint import FILENAME, load_checkpoint, save_checkpoint
 from metamae.config import ProbeConfig, TrainerConfig
 from metamae.data import load_dataset
-from metamae.data.arrays import ArrayDataset, batch_indices, to_tensors
+from metamae.data.arrays import ArrayDataset, batches_from_step, to_tensors
 from metamae.distributed.collectives import ProcessGroupBatch
 from metamae.distributed.stream import StreamConfig, read_split, torch_batches
 from metamae.linear_eval import linear_probe, online_probe
@@ -231,16 +231,15 @@ def restore(checkpoint: Optional[Checkpoint], model: MetaMAE, run: RunConfig) ->
 def worker_batches(data, run: RunConfig, rank: int, world: int, step: int) -> Iterator[object]:
     """This worker's inputs for steps step+1, step+2, ...: its rows of each global batch.
 
-    In-memory datasets: the rows of `batch_indices` (the plain loop's batches), exact on resume.
+    In-memory datasets: their rows of `batches_from_step` (the plain loop's batches), exact on resume.
     Shards: this worker's Ray Data stream (`get_dataset_shard`), reshuffled from the step on resume.
     """
     cfg, local = run.train, run.dataset.batch_size // world
     if isinstance(data, ArrayDataset):
-        split = data.split(run.dataset.pretrain_split)
-        while True:
-            step += 1
-            rows = batch_indices(len(split), run.dataset.batch_size, cfg.seed, step)
-            yield to_tensors(split.take(rows[rank * local:(rank + 1) * local]).x)
+        rows = slice(rank * local, (rank + 1) * local)
+        for batch in batches_from_step(data.split(run.dataset.pretrain_split), run.dataset.batch_size, cfg.seed,
+                                       step, rows):
+            yield to_tensors(batch.x)
     shard = ray.train.get_dataset_shard(PRETRAIN)
     stream = StreamConfig(batch_size=local)
     for epoch in range(step, step + 10**9):
