@@ -35,6 +35,19 @@ class ModelConfig:
     dropout: float = 0.1          # encoder only
     projector_dim: int = 128
 
+    def __post_init__(self):
+        for part in ("enc", "dec"):
+            width, depth, heads = (getattr(self, f"{part}_{size}") for size in ("width", "depth", "heads"))
+            if min(width, depth, heads) < 1 or width % heads or width % 4:
+                raise ValueError(f"model.{part}_width={width}, model.{part}_depth={depth}, "
+                                 f"model.{part}_heads={heads}: expected positive sizes and a width divisible "
+                                 f"by the heads and by 4 (the 2-D sin-cos position table)")
+        if self.mlp_ratio <= 0 or self.projector_dim < 1:
+            raise ValueError(f"model.mlp_ratio={self.mlp_ratio}, model.projector_dim={self.projector_dim}: "
+                             f"expected both positive")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout is {self.dropout}; expected 0 <= dropout < 1")
+
 
 @dataclass
 class ObjectiveConfig:
@@ -52,8 +65,14 @@ class ObjectiveConfig:
     def __post_init__(self):
         if self.method not in ("metamae", "mae"):
             raise ValueError(f"objective.method is {self.method!r}; expected 'metamae' or 'mae'")
-        if not 0.0 <= self.mask_ratio < 1.0:
-            raise ValueError(f"objective.mask_ratio is {self.mask_ratio}; expected 0 <= m < 1")
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"objective.mask_ratio is {self.mask_ratio}; expected 0 < m < 1 (some tokens "
+                             f"hidden, some visible)")
+        if not 0.0 <= self.support_ratio <= 1.0:
+            raise ValueError(f"objective.support_ratio is {self.support_ratio}; expected 0 <= r <= 1")
+        if self.inner_lr < 0 or self.contrastive_weight < 0:
+            raise ValueError(f"objective.inner_lr={self.inner_lr}, objective.contrastive_weight="
+                             f"{self.contrastive_weight}: expected both >= 0")
         if self.inner_steps < 1:
             raise ValueError(f"objective.inner_steps is {self.inner_steps}; expected >= 1")
         if self.temperature <= 0:
@@ -256,6 +275,10 @@ class MetaMAE(nn.Module):
         self.group = ONE_PROCESS
         D, Dd = model.enc_width, model.dec_width
         self.tokenizer = spec.tokenizer(D, Dd)       # embedding in, reconstruction head out
+        N = self.tokenizer.num_tokens
+        if int(N * (1 - objective.mask_ratio)) < 1:
+            raise ValueError(f"objective.mask_ratio={objective.mask_ratio} leaves none of the {N} tokens of "
+                             f"{spec.kind} input visible (K = int(N·(1 − m)) = 0): lower it")
 
         # encoder
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
@@ -353,11 +376,14 @@ class MetaMAE(nn.Module):
             return support_loss * z.shape[0], support_loss
 
         support_before = None
-        for _ in range(self.objective.inner_steps):
-            grad, support_loss = gradient(scaled_support_loss, z, create_graph=second_order)
-            if support_before is None:
-                support_before = support_loss
-            z = z - self.inner_lr * grad                                       # B × (1+K) × D
+        with torch.enable_grad():                    # the inner step differentiates, even under no_grad
+            if not z.requires_grad:
+                z = z.detach().requires_grad_()
+            for _ in range(self.objective.inner_steps):
+                grad, support_loss = gradient(scaled_support_loss, z, create_graph=second_order)
+                if support_before is None:
+                    support_before = support_loss
+                z = z - self.inner_lr * grad                                   # B × (1+K) × D
         return z, support_before
 
     def contrast(self, z: torch.Tensor, z_adapted: torch.Tensor) -> torch.Tensor:

@@ -81,19 +81,27 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -
         group.update(own)
 
 
-def check_finite(scalars: dict[str, float], step: int) -> None:
-    """Raise NonFiniteLoss naming the step and the first loss term that is NaN or infinite."""
-    for name, value in scalars.items():
-        if not math.isfinite(value):
-            raise NonFiniteLoss(f"step {step}: the {name} loss is {value}. Lower train.lr or "
-                                f"objective.inner_lr; the last good checkpoint is kept")
+def check_finite(scalars: dict[str, float], step: int, x=None) -> None:
+    """Raise NonFiniteLoss naming the step, the first loss term that is NaN or infinite (the terms
+    before their total) and the likely cause: the input batch `x` when it is not finite itself."""
+    for name in sorted(scalars, key=lambda name: name == "total"):
+        if not math.isfinite(scalars[name]):
+            parts = x if isinstance(x, tuple) else (x,)
+            if any(part is not None and part.is_floating_point() and not torch.isfinite(part).all()
+                   for part in parts):
+                cause = ("its input batch holds NaN or infinite values: check the dataset "
+                         "(`python -m metamae.data.prepare verify --out DIR` for shards)")
+            else:
+                cause = "lower train.lr or objective.inner_lr"
+            raise NonFiniteLoss(f"step {step}: the {name} loss is {scalars[name]}; {cause}. The last good "
+                                f"checkpoint is kept")
 
 
 def train_step(model: MetaMAE, optimizer: torch.optim.Optimizer, x, step: int) -> Losses:
     """One optimisation step on batch `x`; raises NonFiniteLoss before touching the weights."""
     model.train()
     losses = model(x)
-    check_finite(losses.scalars(), step)
+    check_finite(losses.scalars(), step, x)
     optimizer.zero_grad(set_to_none=True)
     losses.total.backward()
     optimizer.step()

@@ -1,9 +1,11 @@
 """The MetaMAE objective, pinned draw for draw against an independent re-implementation of the
 published code (tests/published_reference.py), and its gradients checked by finite differences."""
+import re
+
 import pytest
 import torch
 
-from metamae.model import random_masking, support_set
+from metamae.model import ModelConfig, random_masking, support_set
 from metamae.modality import nearby_1d, nearby_2d
 from tests.conftest import random_batch, tiny_model
 from tests.published_reference import RefMetaMAE
@@ -83,6 +85,35 @@ def test_mae_matches_published_code(kind):
     x = random_batch(model.spec, 4, torch.Generator().manual_seed(3), torch.float64)
     u0, _ = draws(model, 4, seed=4)
     torch.testing.assert_close(model(x, masking_noise=u0).total, ref.mae_loss(x, u0), rtol=1e-10, atol=1e-12)
+
+
+def test_the_loss_evaluates_under_no_grad_as_with_grad():
+    model = tiny_model("image", mask_ratio=0.5)
+    x = random_batch(model.spec, 4, torch.Generator().manual_seed(0), torch.float64)
+    u0, u1 = draws(model, 4, seed=1)
+    with torch.no_grad():                                     # a validation pass: the inner step still runs
+        evaluated = model(x, masking_noise=u0, support_noise=u1)
+    trained = model(x, masking_noise=u0, support_noise=u1)
+    assert evaluated.support_after < evaluated.support_before and not evaluated.total.requires_grad
+    torch.testing.assert_close(evaluated.total, trained.total.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("objective, message", [
+    ({"mask_ratio": 0.0}, "objective.mask_ratio is 0.0"),
+    ({"mask_ratio": 0.99}, "leaves none of the 16 tokens"),         # image 8 × 8, patch 2: int(16 · 0.01) = 0
+    ({"support_ratio": 1.5}, "objective.support_ratio is 1.5"),
+    ({"inner_lr": -1.0}, "objective.inner_lr=-1.0"),
+])
+def test_an_objective_that_cannot_be_computed_is_refused_naming_the_key(objective, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        tiny_model("image", **objective)
+
+
+def test_model_sizes_that_do_not_fit_are_refused_naming_the_key():
+    with pytest.raises(ValueError, match=r"model.enc_width=30, model.enc_depth=2, model.enc_heads=4"):
+        ModelConfig(enc_width=30, enc_depth=2, enc_heads=4)
+    with pytest.raises(ValueError, match="model.dropout is 1.0"):
+        ModelConfig(dropout=1.0)
 
 
 def test_mask_keeps_int_n_times_one_minus_m():

@@ -166,7 +166,7 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
                 losses = ddp(to_device(x, device), masking_noise=masking, support_noise=support)
             scalars = mean_over_workers(losses, world, device)
             try:
-                check_finite(scalars, step)
+                check_finite(scalars, step, x)
             except NonFiniteLoss as error:                        # every worker stops at this step
                 return {"step": step, "error": str(error)}
             optimizer.zero_grad(set_to_none=True)
