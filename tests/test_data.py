@@ -1,7 +1,9 @@
-"""The embedded digits and the synthetic generators."""
+"""The embedded digits, the synthetic generators, and loading a dataset from its config."""
 import numpy as np
 import pytest
 
+from metamae.config import DatasetConfig
+from metamae.data import load_dataset
 from metamae.data.arrays import ArrayDataset, Split, batches, endless_batches
 from metamae.data.digits import digits
 from metamae.data.synthetic import synthetic
@@ -61,3 +63,17 @@ def test_specs_round_trip_and_name_bad_keys():
         TimeSeriesSpec(channels=1, length=10, patch=3)
     with pytest.raises(ValueError, match="patch 5 does not divide height 8"):
         ImageSpec(channels=1, height=8, width=8, patch=5)
+
+
+def test_a_dataset_that_is_not_there_names_the_command_that_prepares_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"prepare genomics --raw RAW_DIR --out {tmp_path / 'genomics'}`"):
+        load_dataset(DatasetConfig(name="genomics_ood", path=str(tmp_path / "genomics" / "ood")))
+    with pytest.raises(FileNotFoundError, match=r"prepare custom \(--npz FILE"):
+        load_dataset(DatasetConfig(name="custom", path=str(tmp_path)))
+
+
+def test_digits_with_another_input_kind_is_a_clear_error():
+    table = DatasetConfig(name="digits", source="digits", input={"kind": "tabular", "features": 64},
+                          num_classes=10, metric="accuracy")
+    with pytest.raises(ValueError, match="source=digits is 1 × 8 × 8 images of 10 classes, not tabular"):
+        load_dataset(table)

@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from metamae.config import METRICS
 from metamae.data.converters import custom
 from metamae.data.shards import (MANIFEST, Manifest, ShardDataset, ShardError, ShardWriter, check_shards,
                                  iter_examples, open_dataset, sha256_of)
@@ -189,3 +190,36 @@ def test_prepare_custom_npz_csv_and_npy_folders(tmp_path):
 
     run = prepare("verify", "--out", tmp_path / "nothing")
     assert run.returncode != 0 and "manifest.json does not exist" in run.stderr
+
+
+def test_the_writer_refuses_inputs_a_model_cannot_read(tmp_path):
+    series = synthetic(SPECS["timeseries"], train=20, test=5)
+    series.train.x[3, 0, 7] = np.nan
+    with pytest.raises(ShardError, match="train examples .* hold 1 NaN or infinite input values"):
+        write(tmp_path / "series", series)
+    tokens = synthetic(SPECS["tokens"], train=20, test=5)                        # vocabulary 5
+    tokens.test.x[0, 0] = 5
+    with pytest.raises(ShardError, match=r"token ids in \[0, 5\], outside the vocabulary \[0, 4\]"):
+        write(tmp_path / "tokens", tokens)
+
+
+def test_preparing_a_folder_deletes_only_an_unfinished_conversions_shards(tmp_path):
+    (tmp_path / "mine.parquet").write_bytes(b"a user's own file")
+    (tmp_path / "train-00000.parquet.tmp").write_bytes(b"left by a killed conversion")
+    write(tmp_path, synthetic(SPECS["tabular"], train=20, test=5))
+    assert (tmp_path / "mine.parquet").exists() and not (tmp_path / "train-00000.parquet.tmp").exists()
+
+
+def test_custom_labels_follow_the_metric(tmp_path):
+    assert set(custom.LABEL_KIND) == set(METRICS)
+    x, rng = np.zeros((30, 4), np.float32), np.random.default_rng(0)
+    regression = custom.convert_arrays(x, rng.normal(size=30), "tabular", tmp_path / "reg", metric="spearman")
+    assert (regression.label, regression.num_classes) == ("float", 0)
+    y = next(iter_examples(tmp_path / "reg", regression, "train", batch_size=100))[1]
+    assert y.dtype == np.float32 and len(np.unique(y)) == 24                     # not cut to class indices
+    with pytest.raises(ValueError, match="scores class indices"):
+        custom.convert_arrays(x, rng.normal(size=30), "tabular", tmp_path / "cls")
+    with pytest.raises(ValueError, match="--metric is 'acuracy'"):
+        custom.convert_arrays(x, np.arange(30) % 2, "tabular", tmp_path / "typo", metric="acuracy")
+    with pytest.raises(ValueError, match="both train_idx and test_idx"):
+        custom.convert_arrays(x, np.arange(30) % 2, "tabular", tmp_path / "half", train_idx=np.arange(20))

@@ -11,6 +11,7 @@ from metamae.data.arrays import ArrayDataset, Split
 from metamae.modality import ImageSpec
 
 TEST_FRACTION = 0.25
+DIGIT_CLASSES = 10
 SPLIT_SEED = 0
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from metamae.config import DatasetConfig
 from metamae.data.arrays import Dataset
-from metamae.data.digits import digits
+from metamae.data.digits import DIGIT_CLASSES, digits
 from metamae.data.shards import MANIFEST, ShardDataset
 from metamae.data.synthetic import synthetic
 from metamae.modality import spec_to_dict
@@ -18,10 +18,23 @@ def load_dataset(cfg: DatasetConfig, seed: int = 0) -> tuple[Dataset, DatasetCon
         if getattr(cfg, key) is None:
             raise ValueError(f"dataset {cfg.name!r} (source={cfg.source}) needs dataset.{key}")
     spec = cfg.spec()
+    if cfg.source == "digits" and (spec.kind != "image" or cfg.num_classes != DIGIT_CLASSES):
+        raise ValueError(f"dataset {cfg.name!r}: source=digits is 1 × 8 × 8 images of {DIGIT_CLASSES} classes, "
+                         f"not {spec.kind} input with {cfg.num_classes} classes; fix dataset.input and "
+                         f"dataset.num_classes (see configs/dataset/digits.yaml)")
     data = digits(patch=spec.patch) if cfg.source == "digits" else synthetic(spec, cfg.num_classes, seed=seed)
     if data.spec != spec:
         raise ValueError(f"dataset {cfg.name!r}: the config's input {spec} does not match the data's {data.spec}")
     return data, cfg
+
+
+def prepare_command(name: str, folder: Path) -> str:
+    """The command that writes dataset `name`'s shards to `folder`."""
+    if name == "custom":
+        return f"python -m metamae.data.prepare custom (--npz FILE | --csv FILE | --npy-dir DIR) --out {folder}"
+    if name == "genomics_ood":                              # written by genomics' converter, into out/ood
+        return f"python -m metamae.data.prepare genomics --raw RAW_DIR --out {folder.parent}"
+    return f"python -m metamae.data.prepare {name} --raw RAW_DIR --out {folder}"
 
 
 def _shards(cfg: DatasetConfig) -> tuple[Dataset, DatasetConfig]:
@@ -31,8 +44,7 @@ def _shards(cfg: DatasetConfig) -> tuple[Dataset, DatasetConfig]:
     if not (folder / MANIFEST).is_file():
         raise FileNotFoundError(
             f"dataset {cfg.name!r}: no prepared shards at {folder} ({MANIFEST} is missing). Prepare them with "
-            f"`python -m metamae.data.prepare {cfg.name} --raw RAW_DIR --out {folder}`, or point dataset.path "
-            f"at a prepared folder")
+            f"`{prepare_command(cfg.name, folder)}`, or point dataset.path at a prepared folder")
     data = ShardDataset(folder)
     manifest = data.manifest
     from_manifest = {"input": spec_to_dict(manifest.spec), "num_classes": manifest.num_classes,

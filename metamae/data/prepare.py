@@ -7,7 +7,7 @@
 
 A folder that already holds a complete dataset is kept (pass --overwrite to convert again); one that
 holds an unfinished conversion is cleared first. --verify re-reads every shard against the manifest:
-row counts, SHA-256, schema and shapes, label ranges.
+row counts, SHA-256, schema and shapes, label ranges, finite inputs and token ids inside the vocabulary.
 """
 from __future__ import annotations
 

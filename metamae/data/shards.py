@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 DEFAULT_SHARD_BYTES = 128 * 2**20
 ROW_GROUP_BYTES = 8 * 2**20
+SHARD_NAME = re.compile(r"\w+-\d{5}\.parquet(\.tmp)?")     # ShardWriter's file names: SPLIT-NNNNN.parquet
 LABEL_KINDS = ("class", "multilabel", "float", "per_token")
 
 
@@ -109,6 +111,19 @@ def label_column(label: str, num_classes: int, spec: Spec) -> Column:
     if label == "float":
         return Column("y", (), "float32")
     return Column("y", (spec.length,), "int64")                       # per_token
+
+
+def input_problem(parts: tuple, spec: Spec) -> Optional[str]:
+    """What makes a batch of inputs unusable, or None: NaN or infinite values, or token ids outside
+    the vocabulary (an embedding lookup would fail on them)."""
+    for values, part in zip(parts, (spec.image, spec.text) if spec.kind == "image_text" else (spec,)):
+        if part.kind == "tokens":
+            if len(values) and (values.min() < 0 or values.max() >= part.vocab):
+                return (f"token ids in [{values.min()}, {values.max()}], outside the vocabulary "
+                        f"[0, {part.vocab - 1}]")
+        elif not np.isfinite(values).all():
+            return f"{np.count_nonzero(~np.isfinite(values))} NaN or infinite input values"
+    return None
 
 
 def schema(columns: list[Column]) -> pa.Schema:
@@ -221,12 +236,17 @@ class ShardWriter:
                 raise FileExistsError(f"{self.folder} already holds a prepared dataset; pass --overwrite to "
                                       f"replace it, or --verify to check it")
             manifest.unlink()                      # from here on the folder no longer looks complete
-        for stale in [*self.folder.glob("*.parquet"), *self.folder.glob("*.parquet.tmp")]:
-            stale.unlink()
+        for stale in self.folder.glob("*.parquet*"):      # an unfinished conversion's shards, no other file
+            if SHARD_NAME.fullmatch(stale.name):
+                stale.unlink()
 
     def add(self, split: str, x, y: np.ndarray, ids: Optional[np.ndarray] = None) -> None:
         """Append examples: x is N × shape (a tuple (image, text) for image+text), y their labels."""
         parts = x if isinstance(x, tuple) else (x,)
+        problem = input_problem(parts, self.manifest.spec)
+        if problem:
+            raise ShardError(f"the {split} examples written to {self.folder} hold {problem}: fix or drop "
+                             f"them in the raw data")
         n = len(y)
         start = self._next_id.get(split, 0)
         ids = np.arange(start, start + n) if ids is None else np.asarray(ids)
@@ -305,6 +325,9 @@ def check_shards(folder: Path, manifest: Manifest, full: bool = False) -> None:
                 except ShardError as error:
                     raise ShardError(f"{path}: {error}") from error
                 _check_labels(path, decoded[-1], manifest)
+                problem = input_problem(tuple(decoded[:-1]), manifest.spec)
+                if problem:
+                    raise ShardError(f"{path} holds {problem}: prepare the dataset again")
             else:
                 _check_label_statistics(path, meta, manifest)
 

@@ -1,8 +1,9 @@
 """Your own arrays as shards: X and y from a .npz, a CSV table or a folder of .npy files.
 
 X is N × C × L (time series), N × F (table), N × L integer tokens, or N × C × H × W (images and
-spectrograms); y holds class indices. `train_idx`/`test_idx` pick the split; otherwise a seeded,
-stratified 80/20 split is made.
+spectrograms). y holds what --metric scores: class indices (accuracy, binary_accuracy, weighted_f1),
+N × labels of 0/1 (auroc), or real targets (spearman, pearson). `train_idx` and `test_idx` pick the
+split; otherwise a seeded 80/20 split is made, stratified by class for class labels.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from metamae.data.shards import DEFAULT_SHARD_BYTES, Manifest, ShardWriter
 from metamae.modality import ImageSpec, Spec, TabularSpec, TimeSeriesSpec, TokenSpec
 
 MODALITIES = ("timeseries", "tabular", "tokens", "image")
+LABEL_KIND = {"accuracy": "class", "binary_accuracy": "class", "weighted_f1": "class", "auroc": "multilabel",
+              "spearman": "float", "pearson": "float"}                  # what each metric scores
 TARGET_TOKENS = 64        # the default patch makes the token count closest to this
 
 
@@ -48,10 +51,33 @@ def spec_for(modality: str, x: np.ndarray, patch: Optional[int], vocab: Optional
     return ImageSpec(x.shape[1], x.shape[2], x.shape[3], patch or default_patch(x.shape[2:]))
 
 
-def split_indices(y: np.ndarray, train_idx, test_idx, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    if train_idx is not None and test_idx is not None:
+def labels_for(y: np.ndarray, metric: str) -> tuple[np.ndarray, str, int]:
+    """y as the manifest stores it for `metric`, its label kind and its number of classes (or labels)."""
+    if metric not in LABEL_KIND:
+        raise ValueError(f"--metric is {metric!r}; expected one of {list(LABEL_KIND)}")
+    kind, y = LABEL_KIND[metric], np.asarray(y)
+    if kind == "float":
+        if y.ndim != 1 or not np.isfinite(y.astype(np.float64)).all():
+            raise ValueError(f"--metric {metric} scores one finite real target per example; y has shape {y.shape}")
+        return y.astype(np.float32), kind, 0
+    if kind == "multilabel":
+        if y.ndim != 2 or not np.isin(y, (0, 1)).all():
+            raise ValueError(f"--metric {metric} scores multi-label targets: y must be N × labels of 0 and 1, "
+                             f"not shape {y.shape}")
+        return y.astype(np.int8), kind, y.shape[1]
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.number) or np.any(y != np.round(y)) or y.min() < 0:
+        raise ValueError(f"--metric {metric} scores class indices: y must hold integers >= 0 (for real "
+                         f"targets pass --metric spearman or pearson)")
+    return y.astype(np.int64), kind, int(y.max()) + 1
+
+
+def split_indices(y: np.ndarray, label: str, train_idx, test_idx, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    if (train_idx is None) != (test_idx is None):
+        raise ValueError("give both train_idx and test_idx, or neither (for a seeded 80/20 split)")
+    if train_idx is not None:
         return np.asarray(train_idx), np.asarray(test_idx)
-    return train_test_split(np.arange(len(y)), test_size=0.2, random_state=seed, stratify=y)
+    return train_test_split(np.arange(len(y)), test_size=0.2, random_state=seed,
+                            stratify=y if label == "class" else None)
 
 
 def convert_arrays(x: np.ndarray, y: np.ndarray, modality: str, out: Path, *, name: str = "custom",
@@ -64,11 +90,11 @@ def convert_arrays(x: np.ndarray, y: np.ndarray, modality: str, out: Path, *, na
     x = x.astype(np.int64 if modality == "tokens" else np.float32)
     if len(x) != len(y):
         raise ValueError(f"X has {len(x)} examples and y has {len(y)}")
-    y = np.asarray(y).astype(np.int64)
-    train, test = split_indices(y, train_idx, test_idx, seed)
-    writer = ShardWriter(out, name, spec, num_classes=int(y.max()) + 1, metric=metric,
+    y, label, num_classes = labels_for(y, metric)
+    train, test = split_indices(y, label, train_idx, test_idx, seed)
+    writer = ShardWriter(out, name, spec, num_classes=num_classes, metric=metric, label=label,
                          converter={"source": source, "modality": modality, "seed": seed,
-                                    "split": "given" if train_idx is not None else "stratified 80/20"},
+                                    "split": "given" if train_idx is not None else "seeded 80/20"},
                          shard_bytes=shard_bytes, overwrite=overwrite)
     writer.add("train", x[train], y[train], ids=train)
     writer.add("test", x[test], y[test], ids=test)
