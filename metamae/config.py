@@ -46,7 +46,7 @@ class DatasetConfig:
     probe_train_split: str = "train"   # DABS evaluates some datasets on a transfer portion
     probe_test_split: str = "test"
     source: str = "shards"             # digits | synthetic | shards
-    path: Optional[str] = None         # the shard folder, for source=shards
+    path: Optional[str] = None         # the shard folder, for source=shards; made absolute (Ray moves cwd)
     objective: ObjectiveDefaults = field(default_factory=ObjectiveDefaults)
 
     def __post_init__(self):
@@ -54,6 +54,8 @@ class DatasetConfig:
             raise ValueError(f"dataset.metric is {self.metric!r}; expected one of {list(METRICS)}")
         if self.source not in SOURCES:
             raise ValueError(f"dataset.source is {self.source!r}; expected one of {list(SOURCES)}")
+        if self.path:          # Ray Train workers and Tune trials run in folders of their own
+            self.path = str(Path(self.path).expanduser().absolute())
 
     def spec(self) -> Spec:
         if self.input is None:

@@ -183,10 +183,10 @@ def test_a_request_the_cluster_cannot_hold_fails_at_once_saying_what_was_asked_a
     assert time.time() - started < 10
 
 
-def test_two_workers_stream_their_parts_of_the_shards_through_ray_data(local_ray, tmp_path):
+def test_two_workers_stream_their_parts_of_the_shards_through_ray_data(local_ray, tmp_path, monkeypatch):
     convert(out=tmp_path / "shards", shard_bytes=20_000)           # the digits as Parquet shards
-    dataset = replace(DIGITS, source="shards", path=str(tmp_path / "shards"), input=None, num_classes=None,
-                      metric=None)
+    monkeypatch.chdir(tmp_path)                                    # a relative path, as configs/dataset/ give
+    dataset = replace(DIGITS, source="shards", path="shards", input=None, num_classes=None, metric=None)
     run = replace(run_config(30, 30), dataset=dataset)
     metrics = fit(run, QUICK_PROBE, trainer(2), tmp_path / "run").metrics
     assert metrics["step"] == 30 and torch.isfinite(torch.tensor(metrics["total"]))

@@ -281,6 +281,7 @@ def studies(job: DictConfig) -> list[tuple[SweepJobConfig, dict[str, Any], dict[
         base = OmegaConf.to_container(composed, resolve=True)
         for key in ("space", "sweep", "datasets", "resume"):
             base.pop(key)
+        base["dataset"]["path"] = dataset.path                          # absolute: trials run elsewhere
         if cfg.sweep.autoscaling:
             base["trainer"]["check_resources"] = False
         prepared.append((cfg, base, search_space(cfg.space, base)))
