@@ -4,9 +4,10 @@ The trial functions here call the Train callback the way Train's controller does
 another thread) and return at once: the timing under which Ray's TuneReportCallback leaves trials
 RUNNING forever or drops their last report (metamae/distributed/tune_reports.py): with
 `train_run(TuneReportCallback())` in place of `report_to_tune(train_run)`, the first test hangs.
-The last two stop a trial with Tune, at its last report and before: its (stand-in) Train run ends,
-and its reservation with the autoscaler goes with it.
+The last three end a trial whose process dies, and stop one with Tune, at its last report and before:
+its (stand-in) Train run ends, and its reservation with the autoscaler goes with it.
 """
+import os
 import sys
 import threading
 import time
@@ -76,6 +77,18 @@ def runs_a_controller(config):
     report_to_tune(train_run, is_last=lambda report: "objective" in report)
 
 
+def dies_holding_a_reservation(config):
+    """A trial whose process dies while its (stand-in) Train run holds a reservation."""
+    controller = Controller.remote(config["folder"], 0)
+    ray.get(controller.__ray_ready__.remote())                 # its reservation is made
+
+    def train_run(callback):
+        callback.after_report(RUN, [{"i": 0}], None)
+        time.sleep(2)                                          # the report reaches Tune
+        os._exit(1)
+    report_to_tune(train_run)
+
+
 def fails_after_one_report(config):
     def train_run(callback):
         callback.after_report(RUN, [{"i": 0}], None)
@@ -127,6 +140,17 @@ def stopped_at(i, reports, tmp_path):
     (result,) = tuner.fit()
     coordinator = get_or_create_autoscaling_coordinator()
     return result, ray.get(coordinator.__ray_call__.remote(lambda self: list(self._ongoing_reqs)))
+
+
+def test_a_trial_whose_process_dies_has_its_reservation_cancelled(local_ray, tmp_path):
+    tuner = tune.Tuner(tune.with_resources(dies_holding_a_reservation, {"cpu": 0.1}),
+                       param_space={"folder": str(tmp_path)},
+                       run_config=tune.RunConfig(storage_path=str(tmp_path), name="died", verbose=0,
+                                                 callbacks=[CancelTrainReservations()]))
+    (result,) = tuner.fit()
+    assert result.error is not None and result.metrics["i"] == 0
+    coordinator = get_or_create_autoscaling_coordinator()
+    assert RESERVATION not in ray.get(coordinator.__ray_call__.remote(lambda self: list(self._ongoing_reqs)))
 
 
 def test_a_trial_stopped_at_its_last_report_ends_after_its_train_run(local_ray, tmp_path):

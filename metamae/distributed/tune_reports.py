@@ -74,12 +74,23 @@ class ReportQueue(UserCallback):
 
 
 class CancelTrainReservations(tune.Callback):
-    """On the sweep's driver: when a trial ends, cancel its Train run's reservation (named in its
-    reports) with the cluster's autoscaling coordinator, a detached actor. A trial that Tune stops
-    early cannot do it itself: Tune ends the trial's actor without waiting for it. A run that has
-    ended has no reservation left, and cancelling it again does nothing."""
+    """On the sweep's driver: when a trial ends (finished, stopped early, failed, or failed and to be
+    retried), cancel its Train run's reservation (named in its reports) with the cluster's autoscaling
+    coordinator, a detached actor. Such a trial cannot do it itself: Tune ends the trial's actor
+    without waiting for it, or the actor is dead. A run that has ended has no reservation left, and
+    cancelling it again does nothing."""
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info) -> None:
+        self._cancel(trial)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info) -> None:
+        self._cancel(trial)
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info) -> None:
+        self._cancel(trial)
+
+    @staticmethod
+    def _cancel(trial: Any) -> None:
         reservation = (trial.last_result or {}).get(TRAIN_RESERVATION)
         if reservation:
             get_or_create_autoscaling_coordinator().cancel_request.remote(reservation)
