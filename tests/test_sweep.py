@@ -163,3 +163,9 @@ def test_a_trial_gets_its_dotted_values_typed_and_checked():
                                 "model": {"enc_depth": {"choices": [2, 4]}}}, base | {"model": {"enc_depth": 4},
                                                                                      "objective": {"inner_lr": 0.5}})
     assert set(space) == {"objective.inner_lr", "model.enc_depth"}
+    with pytest.raises(ValueError, match=r"space.objective.mask_ratio can draw 1.5.*objective.mask_ratio is 1.5"):
+        sweep.search_space({"objective": {"mask_ratio": {"dist": "uniform", "low": 0.5, "high": 1.5}}},
+                           base | {"objective": {"mask_ratio": 0.5}})
+    depth = sweep.search_space({"model": {"enc_depth": {"dist": "int", "low": 1, "high": 2}}},
+                               base | {"model": {"enc_depth": 4}})
+    assert {depth["model.enc_depth"].sample() for _ in range(50)} == {1, 2}                 # high included

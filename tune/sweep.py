@@ -41,7 +41,8 @@ from metamae.pretrain import random_init_encoder
 from metamae.train import RunConfig
 from report import write_report
 
-DISTRIBUTIONS = {"loguniform": tune.loguniform, "uniform": tune.uniform, "int": tune.randint}
+DISTRIBUTIONS = {"loguniform": tune.loguniform, "uniform": tune.uniform,
+                 "int": lambda low, high: tune.randint(low, high + 1)}        # low and high both drawn
 
 
 @dataclass
@@ -86,7 +87,8 @@ def flatten_space(space: dict[str, Any], prefix: str = "") -> dict[str, dict[str
 
 
 def search_space(space: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
-    """The YAML space as Tune distributions over dotted config keys; a wrong key or spec names itself."""
+    """The YAML space as Tune distributions over dotted config keys; a wrong key, spec or bound
+    (a value the config refuses, such as a mask ratio of 1.5) names itself."""
     distributions = {}
     for key, spec in flatten_space(space).items():
         if OmegaConf.select(OmegaConf.create(base), key, default=MISSING) is MISSING:
@@ -101,6 +103,11 @@ def search_space(space: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
         else:
             raise ValueError(f"space.{key} is {spec}; expected {{dist: loguniform|uniform|int, low: L, high: H}} "
                              f"or {{choices: [...]}}")
+        for value in spec.get("choices") or (spec["low"], spec["high"]):
+            try:
+                trial_config(base, {key: value}, out_dir="unused")
+            except ValueError as error:
+                raise ValueError(f"space.{key} can draw {value!r}, which the config refuses: {error}") from error
     if not distributions:
         raise ValueError("the search space is empty: set `space` in configs/sweep.yaml or configs/space/")
     return distributions
