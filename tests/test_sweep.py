@@ -120,6 +120,15 @@ def test_a_wrong_sweep_key_fails_before_anything_starts_naming_it(override, mess
     assert not (tmp_path / "bad").exists()
 
 
+def test_a_new_sweep_refuses_a_storage_that_holds_another_sweeps_study(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    optuna.create_study(study_name="digits", storage=storage)            # an earlier sweep's
+    run = subprocess.run(sweep_command(tmp_path / "second", f"sweep.storage={storage}"), cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "already holds an Optuna study named 'digits'" in run.stdout + run.stderr
+    assert "Trial status" not in run.stdout
+
+
 @pytest.mark.parametrize("where", ["sweep folder", "sweep.storage"])
 def test_a_reader_of_the_study_database_cannot_break_the_sweep_that_creates_it(where, tmp_path):
     """Whoever opens a fresh SQLite file first creates Optuna's tables in it; two at once collide

@@ -212,6 +212,18 @@ def sweep_folder(sweep: SweepConfig, datasets: list[str]) -> str:
     return os.path.join(sweep.dir, name) if "://" in sweep.dir else str(Path(sweep.dir, name).resolve())
 
 
+def check_new_studies(datasets: list[str], sweep_dir: str, storage: str) -> None:
+    """A new sweep's studies must not exist yet: on a storage that sweeps share (sweep.storage), a new
+    sweep would go on with another one's Optuna history, and its report would mix both."""
+    taken = set(optuna.get_all_study_names(storage))
+    for dataset in datasets:
+        if dataset in taken and not tune.Tuner.can_restore(os.path.join(sweep_dir, dataset)):
+            raise FileExistsError(f"{storage} already holds an Optuna study named {dataset!r}, from a sweep other "
+                                  f"than {sweep_dir}: give this sweep a sweep.storage of its own, resume that "
+                                  f"sweep (its sweep.dir and sweep.name), or delete the study (`optuna "
+                                  f"delete-study --study-name {dataset} --storage {storage}`)")
+
+
 def optuna_storage(sweep: SweepConfig, sweep_dir: str) -> str:
     """sweep.storage, or SWEEP_DIR/optuna.db; a SQLite database that does not exist yet is created whole."""
     if not sweep.storage and "://" in sweep_dir:
@@ -301,6 +313,7 @@ def main(job: DictConfig) -> None:
     sweep_cfg = prepared[0][0].sweep
     sweep_dir = sweep_folder(sweep_cfg, [cfg.dataset.name for cfg, _, _ in prepared])
     storage = optuna_storage(sweep_cfg, sweep_dir)
+    check_new_studies([cfg.dataset.name for cfg, _, _ in prepared], sweep_dir, storage)
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")   # the objective is in the last report only
     if not ray.is_initialized():
         default_environment()
