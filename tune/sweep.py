@@ -276,13 +276,23 @@ def random_init_probe(base: dict[str, Any]) -> float:
     return linear_probe(random_init_encoder(data, cfg), data, dataset, cfg.probe).test
 
 
-def summary(name: str, results: tune.ResultGrid, baseline: Optional[float]) -> str:
+def baseline_note(cfg: SweepJobConfig, base: dict[str, Any]) -> str:
+    """' (random-init encoder: 0.7578)' for the summary line; a failed baseline is reported there,
+    and the sweep goes on to its next dataset and its report."""
+    if not cfg.sweep.baseline:
+        return ""
+    try:
+        return f" (random-init encoder: {random_init_probe(base):.4f})"
+    except Exception as error:                     # the trials are done and kept; only the baseline is lost
+        return f" (random-init encoder: failed, {type(error).__name__}: {error})"
+
+
+def summary(name: str, results: tune.ResultGrid, mode: str, against: str) -> str:
     finished = [r for r in results if r.metrics and "objective" in r.metrics]
     failed = [r for r in results if r.error]
-    against = f" (random-init encoder: {baseline:.4f})" if baseline is not None else ""
     if not finished:
         return f"{name}: no trial finished ({len(failed)} failed){against}"
-    best = max(finished, key=lambda r: r.metrics["objective"])
+    best = (max if mode == "max" else min)(finished, key=lambda r: r.metrics["objective"])
     params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.config.items())
     return (f"{name}: best objective {best.metrics['objective']:.4f}{against} with {params}; {len(finished)} "
             f"finished, {len(results) - len(finished) - len(failed)} stopped early, {len(failed)} failed")
@@ -323,10 +333,11 @@ def main(job: DictConfig) -> None:
     lines = []
     for cfg, base, space in prepared:
         results = sweep_dataset(cfg, base, space, sweep_dir, storage)
-        lines.append(summary(cfg.dataset.name, results, random_init_probe(base) if cfg.sweep.baseline else None))
-    report = write_report(sweep_dir, storage) if "://" not in sweep_dir else None
-    print("\n".join(["", *lines, f"sweep folder: {sweep_dir}", f"report: {report}",
+        lines.append(summary(cfg.dataset.name, results, METRICS[cfg.dataset.metric], baseline_note(cfg, base)))
+    print("\n".join(["", *lines, f"sweep folder: {sweep_dir}",
                      f"optuna-dashboard {storage}    tensorboard --logdir {sweep_dir}"]), flush=True)
+    if "://" not in sweep_dir:
+        print(f"report: {write_report(sweep_dir, storage)}", flush=True)
 
 
 def register_sweep() -> None:
