@@ -49,10 +49,10 @@ DISTRIBUTIONS = {"loguniform": tune.loguniform, "uniform": tune.uniform,
 class SweepConfig:
     name: Optional[str] = None          # the sweep's folder under `dir`; None: the datasets' names
     dir: str = "sweeps"                 # a local folder, or a pyarrow filesystem URI (s3://bucket/sweeps)
-    num_samples: int = 12               # trials per dataset
+    num_samples: int = 8                # trials per dataset
     seed: int = 0                       # Optuna's TPE sampler
     max_concurrent_trials: Optional[int] = None   # None: as many as the cluster's CPUs and GPUs hold
-    grace_period: int = 200             # steps every trial runs before ASHA may stop it
+    grace_period: int = 150             # steps every trial runs before ASHA may stop it
     reduction_factor: int = 2           # ASHA keeps the best 1/reduction_factor at each rung
     trial_retries: int = 1              # a failed trial is rerun this many times before it is reported
     trial_cpus: float = 0.1             # the trial driver's own CPUs (its Train workers ask for theirs)
