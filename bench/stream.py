@@ -123,12 +123,12 @@ def main() -> None:
                 ShardDataset(folder, shuffle_buffer=1024).stream("train", BATCH, seed=0))
             report["readers"]["dataloader_in_memory"] = throughput(in_memory_loader(folder))
             report["data_wait_fraction"] = data_wait_fraction(folder, args.train_steps)
+            supply = report["readers"]["ray_data_2_readers"]["rows_per_s"]
+            report["supply_over_demand"] = round(supply / report["trainer_demand"]["rows_per_s"], 1)
+            report["target_met"] = report["supply_over_demand"] >= 3
+            print(json.dumps(report, indent=2), flush=True)   # before Ray's shutdown, which has ended the process
         finally:
             ray.shutdown()
-    supply = report["readers"]["ray_data_2_readers"]["rows_per_s"]
-    report["supply_over_demand"] = round(supply / report["trainer_demand"]["rows_per_s"], 1)
-    report["target_met"] = report["supply_over_demand"] >= 3
-    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

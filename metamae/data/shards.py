@@ -371,38 +371,48 @@ def iter_examples(folder: Path, manifest: Manifest, split: str, batch_size: int,
                   seed: Optional[int] = None, shuffle_buffer: int = 0) -> Iterator[tuple[Any, np.ndarray]]:
     """One pass over a split in batches of (x, y) numpy arrays, streaming shard by shard.
 
-    With a seed: shards in a seeded random order, and rows drawn from a local shuffle buffer of
-    `shuffle_buffer` rows. Without: file order. The last partial batch is yielded too.
+    With a seed: shards in a seeded random order, and rows drawn from a local shuffle buffer: once it
+    holds `shuffle_buffer` rows they are shuffled together and drawn down to half, then it refills
+    (each row is copied a few times, not once per batch). Without: file order. The last partial
+    batch is yielded too.
     """
     rng = np.random.default_rng(seed) if seed is not None else None
     shards = manifest.splits[split]
     order = rng.permutation(len(shards)) if rng is not None else range(len(shards))
-    columns = manifest.columns()
-    buffer: list[tuple[Any, np.ndarray]] = []
-    buffered = 0
+    columns, keep = manifest.columns(), shuffle_buffer // 2
+    pool: list[tuple[Any, np.ndarray]] = []
+    rows = 0
     for i in order:
         reader = pq.ParquetFile(Path(folder) / shards[i].file)
         for record_batch in reader.iter_batches(batch_size=batch_size):
-            buffer.append(decode_table(pa.Table.from_batches([record_batch]), columns))
-            buffered += record_batch.num_rows
-            while buffered >= max(shuffle_buffer, batch_size):
-                (x, y), buffer, buffered = _draw(buffer, batch_size, rng)
-                yield x, y
-    while buffered:
-        (x, y), buffer, buffered = _draw(buffer, min(batch_size, buffered), rng)
-        yield x, y
+            pool.append(decode_table(pa.Table.from_batches([record_batch]), columns))
+            rows += record_batch.num_rows
+            if rows >= max(shuffle_buffer, batch_size):
+                x, y = _gather(pool, rng)
+                start = 0
+                while rows - start >= batch_size and rows - start > keep:
+                    yield _rows(x, start, start + batch_size), y[start:start + batch_size]
+                    start += batch_size
+                pool, rows = [(_rows(x, start, rows), y[start:])], rows - start
+    if rows:
+        x, y = _gather(pool, rng)
+        for start in range(0, rows, batch_size):
+            yield _rows(x, start, start + batch_size), y[start:start + batch_size]
 
 
-def _draw(buffer, n: int, rng):
-    """Take n rows from the buffered batches (at random with an rng) -> (batch, rest, rest size)."""
-    xs = [b[0] for b in buffer]
+def _gather(pool: list[tuple[Any, np.ndarray]], rng) -> tuple[Any, np.ndarray]:
+    """The pooled (x, y) batches as one, its rows shuffled with an rng."""
+    xs = [x for x, _ in pool]
     x = tuple(np.concatenate(p) for p in zip(*xs)) if isinstance(xs[0], tuple) else np.concatenate(xs)
-    y = np.concatenate([b[1] for b in buffer])
-    index = rng.permutation(len(y)) if rng is not None else np.arange(len(y))
-    take, keep = index[:n], index[n:]
-    pick = lambda a, i: tuple(p[i] for p in a) if isinstance(a, tuple) else a[i]
-    rest = [(pick(x, keep), y[keep])] if len(keep) else []
-    return (pick(x, take), y[take]), rest, len(keep)
+    y = np.concatenate([y for _, y in pool])
+    if rng is None:
+        return x, y
+    index = rng.permutation(len(y))
+    return (tuple(p[index] for p in x) if isinstance(x, tuple) else x[index]), y[index]
+
+
+def _rows(x: Any, start: int, stop: int) -> Any:
+    return tuple(p[start:stop] for p in x) if isinstance(x, tuple) else x[start:stop]
 
 
 class ShardDataset:
