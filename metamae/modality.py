@@ -191,6 +191,9 @@ class Tokenizer(nn.Module):
     def nearby(self, visible: torch.Tensor) -> torch.Tensor:  # B × N bool -> B × N bool
         raise NotImplementedError
 
+    def init_weights(self) -> None:                           # the published initialisation of its layers
+        raise NotImplementedError
+
 
 def _xavier_patch_init(proj: nn.Module) -> None:
     """The patch/token embedding is initialised like a linear layer (Xavier-uniform)."""

@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> None:
                      f"or --verify to check it")
         if args.raw is None and chosen.needs_raw:
             sys.exit(f"{args.dataset}: --raw DIR is required (the folder with the publisher's files)")
-        if args.download:
+        if args.download and chosen.sources:          # the digits come with scikit-learn: nothing to fetch
             download.fetch(chosen.sources, args.raw)
         chosen.convert(args.raw, args.out, shard_bytes=shard_bytes, overwrite=args.overwrite)
     if args.verify or args.dataset == "verify":
