@@ -19,6 +19,7 @@ from ray_head import RAY, ray_head
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tune"))
 import sweep  # noqa: E402  (tune/ is a folder of scripts)
+from metamae.config import DatasetConfig  # noqa: E402
 
 PORT, DASHBOARD_PORT = 6480, 8480               # not Ray's defaults, which other tests' Rays use
 QUICK = ["train.steps=20", "train.log_every=10", "sweep.grace_period=10", "sweep.reduction_factor=2",
@@ -178,3 +179,10 @@ def test_a_trial_gets_its_dotted_values_typed_and_checked():
     depth = sweep.search_space({"model": {"enc_depth": {"dist": "int", "low": 1, "high": 2}}},
                                base | {"model": {"enc_depth": 4}})
     assert {depth["model.enc_depth"].sample() for _ in range(50)} == {1, 2}                 # high included
+
+
+def test_a_trial_on_shards_keeps_a_cpu_share_for_its_ray_data_tasks():
+    digits = sweep.SweepJobConfig(dataset=DatasetConfig(name="digits", source="digits"))
+    shards = sweep.SweepJobConfig(dataset=DatasetConfig(name="pamap2", source="shards", path="data/pamap2"))
+    assert sweep.trial_resources(digits)["CPU"] == pytest.approx(0.6)           # driver 0.1 + a 0.5-CPU worker
+    assert sweep.trial_resources(shards)["CPU"] == pytest.approx(0.85)          # + one 0.25-CPU read task

@@ -34,6 +34,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from metamae.config import CONFIG_DIR, METRICS, ExperimentConfig, PretrainConfig, register, to_object
 from metamae.data import load_dataset
+from metamae.distributed.stream import StreamConfig
 from metamae.distributed.trainer import default_environment, fit
 from metamae.distributed.tune_reports import CancelTrainReservations, report_to_tune
 from metamae.linear_eval import linear_probe
@@ -152,8 +153,11 @@ class FinalReportOptunaSearch(OptunaSearch):
 
 
 def trial_resources(cfg: SweepJobConfig) -> dict[str, float]:
+    """What one trial holds: its driver, its Train workers and, reading shards, a Ray Data task's CPUs,
+    which Ray Data asks for outside the trial's reservations (without them a full cluster stalls)."""
     workers = cfg.trainer.num_workers
-    return {"CPU": cfg.sweep.trial_cpus + workers * cfg.trainer.cpus_per_worker,
+    data_cpus = StreamConfig().task_cpus if cfg.dataset.source == "shards" else 0.0
+    return {"CPU": cfg.sweep.trial_cpus + workers * cfg.trainer.cpus_per_worker + data_cpus,
             "GPU": workers if cfg.trainer.use_gpu else 0}
 
 
