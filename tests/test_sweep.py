@@ -112,7 +112,7 @@ def test_ray_job_submit_runs_a_sweep_to_succeeded_with_its_progress_in_the_job_l
     ("+space.train.lrr={dist:uniform,low:0,high:1}", "space.train.lrr: 'train.lrr' is not a config key"),
     ("+space.train.lr={dist:gaussian,low:0,high:1}", "space.train.lr is"),
     ("sweep.num_sampels=3", "num_sampels"),
-    ("datasets=[digits,pamap2]", "dataset 'pamap2': no prepared shards at data/pamap2"),
+    ("datasets=[digits,pamap2]", f"dataset 'pamap2': no prepared shards at {ROOT / 'data' / 'pamap2'}"),
 ])
 def test_a_wrong_sweep_key_fails_before_anything_starts_naming_it(override, message, tmp_path):
     run = subprocess.run(sweep_command(tmp_path / "bad", override), cwd=ROOT, capture_output=True, text=True,
