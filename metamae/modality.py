@@ -41,6 +41,10 @@ class TimeSeriesSpec:
     def __post_init__(self):
         _check_patch("length", self.length, self.patch)
 
+    @property
+    def shape(self) -> tuple[int, ...]:                    # one example's
+        return self.channels, self.length
+
     def tokenizer(self, enc_width: int, dec_width: int) -> Tokenizer:
         return Patches1d(self.channels, self.length, self.patch, enc_width, dec_width)
 
@@ -50,6 +54,10 @@ class TabularSpec:
     """1 × F features, one token per feature (HIGGS: F = 28)."""
     features: int
     kind: ClassVar[str] = "tabular"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return 1, self.features
 
     def tokenizer(self, enc_width: int, dec_width: int) -> Tokenizer:
         return Patches1d(1, self.features, 1, enc_width, dec_width)
@@ -61,6 +69,10 @@ class TokenSpec:
     vocab: int
     length: int
     kind: ClassVar[str] = "tokens"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.length,)
 
     def tokenizer(self, enc_width: int, dec_width: int) -> Tokenizer:
         return Tokens(self.vocab, self.length, enc_width, dec_width)
@@ -78,6 +90,10 @@ class ImageSpec:
     def __post_init__(self):
         _check_patch("height", self.height, self.patch)
         _check_patch("width", self.width, self.patch)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.channels, self.height, self.width
 
     def tokenizer(self, enc_width: int, dec_width: int) -> Tokenizer:
         return Patches2d(self.channels, self.height, self.width, self.patch, enc_width, dec_width)
@@ -99,6 +115,20 @@ Spec = Union[TimeSeriesSpec, TabularSpec, TokenSpec, ImageSpec, ImageTextSpec]
 SPECS: dict[str, type] = {s.kind: s for s in (TimeSeriesSpec, TabularSpec, TokenSpec, ImageSpec, ImageTextSpec)}
 
 
+def spec_parts(spec: Spec) -> tuple[Spec, ...]:
+    """The single-input specs a batch of `spec` is made of: (image, text) for image+text."""
+    return (spec.image, spec.text) if isinstance(spec, ImageTextSpec) else (spec,)
+
+
+def check_batch(spec: Spec, x: Batch) -> None:
+    """Raise ValueError, naming both, when a batch's examples are not the shape the spec says."""
+    parts = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+    expected = [part.shape for part in spec_parts(spec)]
+    if len(parts) != len(expected) or any(tuple(p.shape[1:]) != shape for p, shape in zip(parts, expected)):
+        raise ValueError(f"a batch of shape {' and '.join(str(tuple(p.shape)) for p in parts)} does not fit the "
+                         f"{spec.kind} input {spec}, whose examples are {' and '.join(map(str, expected))}")
+
+
 def spec_from_dict(d: dict[str, Any]) -> Spec:
     """{'kind': 'timeseries', 'channels': 52, ...} -> TimeSeriesSpec; names a wrong key or kind."""
     d = dict(d)
@@ -114,6 +144,9 @@ def spec_from_dict(d: dict[str, Any]) -> Spec:
     if cls is ImageTextSpec:
         return ImageTextSpec(image=spec_from_dict({"kind": "image", **d["image"]}),
                              text=spec_from_dict({"kind": "tokens", **d["text"]}))
+    for key, value in d.items():
+        if isinstance(value, bool) or not float(value).is_integer() or value < 1:
+            raise ValueError(f"input.{key} is {value!r}; expected a positive whole number")
     return cls(**{k: int(v) for k, v in d.items()})
 
 

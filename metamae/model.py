@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from metamae.modality import Batch, Spec
+from metamae.modality import Batch, Spec, check_batch
 
 
 @dataclass
@@ -345,6 +345,7 @@ class MetaMAE(nn.Module):
 
     def features(self, x: Batch, per_token: bool = False) -> torch.Tensor:
         """Linear-evaluation features, no masking: mean of the N token outputs (B × D), or B × N × D."""
+        check_batch(self.spec, x)
         z = self._run_encoder(self.tokenizer.embed(x) + self.enc_pos[:, 1:])[:, 1:]
         return z if per_token else z.mean(dim=1)
 
@@ -403,6 +404,7 @@ class MetaMAE(nn.Module):
 
         Pass them explicitly (masking_noise, support_noise) to pin them, or a torch.Generator.
         """
+        check_batch(self.spec, x)
         B, N = _batch_size(x), self.tokenizer.num_tokens
         device = self.cls_token.device
         if masking_noise is None:

@@ -63,6 +63,10 @@ def test_specs_round_trip_and_name_bad_keys():
         TimeSeriesSpec(channels=1, length=10, patch=3)
     with pytest.raises(ValueError, match="patch 5 does not divide height 8"):
         ImageSpec(channels=1, height=8, width=8, patch=5)
+    with pytest.raises(ValueError, match="input.patch is 2.7; expected a positive whole number"):
+        spec_from_dict({"kind": "image", "channels": 1, "height": 8, "width": 8, "patch": 2.7})
+    with pytest.raises(ValueError, match="input.features is 0"):
+        spec_from_dict({"kind": "tabular", "features": 0})
 
 
 def test_a_dataset_that_is_not_there_names_the_command_that_prepares_it(tmp_path):

@@ -109,6 +109,15 @@ def test_an_objective_that_cannot_be_computed_is_refused_naming_the_key(objectiv
         tiny_model("image", **objective)
 
 
+def test_a_batch_that_does_not_fit_the_spec_is_named():
+    model = tiny_model("image")                                   # 2 × 8 × 8 examples
+    x = torch.zeros(4, 3, 8, 8, dtype=torch.float64)
+    for run in (lambda: model(x), lambda: model.features(x)):
+        with pytest.raises(ValueError, match=re.escape("a batch of shape (4, 3, 8, 8) does not fit the image "
+                                                       "input")):
+            run()
+
+
 def test_model_sizes_that_do_not_fit_are_refused_naming_the_key():
     with pytest.raises(ValueError, match=r"model.enc_width=30, model.enc_depth=2, model.enc_heads=4"):
         ModelConfig(enc_width=30, enc_depth=2, enc_heads=4)

@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from metamae.data.arrays import to_tensors
-from metamae.modality import Spec, spec_from_dict, spec_to_dict
+from metamae.modality import Spec, spec_from_dict, spec_parts, spec_to_dict
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -95,12 +95,10 @@ class Column:
 
 
 def input_columns(spec: Spec) -> list[Column]:
-    if spec.kind == "image_text":
-        return [dataclasses.replace(input_columns(spec.image)[0], name="x_image"),
-                dataclasses.replace(input_columns(spec.text)[0], name="x_text")]
-    shape = {"timeseries": lambda: (spec.channels, spec.length), "tabular": lambda: (1, spec.features),
-             "tokens": lambda: (spec.length,), "image": lambda: (spec.channels, spec.height, spec.width)}
-    return [Column("x", shape[spec.kind](), "int64" if spec.kind == "tokens" else "float32")]
+    parts = spec_parts(spec)
+    names = ["x_image", "x_text"] if len(parts) == 2 else ["x"]
+    return [Column(name, part.shape, "int64" if part.kind == "tokens" else "float32")
+            for name, part in zip(names, parts)]
 
 
 def label_column(label: str, num_classes: int, spec: Spec) -> Column:
@@ -116,7 +114,7 @@ def label_column(label: str, num_classes: int, spec: Spec) -> Column:
 def input_problem(parts: tuple, spec: Spec) -> Optional[str]:
     """What makes a batch of inputs unusable, or None: NaN or infinite values, or token ids outside
     the vocabulary (an embedding lookup would fail on them)."""
-    for values, part in zip(parts, (spec.image, spec.text) if spec.kind == "image_text" else (spec,)):
+    for values, part in zip(parts, spec_parts(spec)):
         if part.kind == "tokens":
             if len(values) and (values.min() < 0 or values.max() >= part.vocab):
                 return (f"token ids in [{values.min()}, {values.max()}], outside the vocabulary "
