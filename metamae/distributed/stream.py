@@ -57,7 +57,7 @@ def read_split(folder: Path, split: str, cfg: StreamConfig = StreamConfig(), see
         options.resource_limits = options.resource_limits.copy(cpu=cfg.cpu_limit)
     options.preserve_order = seed is not None        # the same seed gives the same order
     paths = [str(folder / shard.file) for shard in manifest.splits[split]]
-    shuffle = ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=False) if seed is not None else None
+    shuffle = ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=True) if seed is not None else None
     dataset = ray.data.read_parquet(paths, shuffle=shuffle, num_cpus=cfg.task_cpus, concurrency=cfg.readers)
     return dataset.map_batches(partial(decode_batch, columns=manifest.columns()), batch_format="pyarrow",
                                zero_copy_batch=True, num_cpus=cfg.task_cpus)
