@@ -186,3 +186,13 @@ def test_a_trial_on_shards_keeps_a_cpu_share_for_its_ray_data_tasks():
     shards = sweep.SweepJobConfig(dataset=DatasetConfig(name="pamap2", source="shards", path="data/pamap2"))
     assert sweep.trial_resources(digits)["CPU"] == pytest.approx(0.6)           # driver 0.1 + a 0.5-CPU worker
     assert sweep.trial_resources(shards)["CPU"] == pytest.approx(0.85)          # + one 0.25-CPU read task
+
+
+def test_a_resumed_sweep_refuses_settings_its_trials_did_not_start_with(tmp_path):
+    base = {"train": {"steps": 600, "lr": 1e-3}, "dataset": {"name": "digits", "input": {"patch": 2}}}
+    sweep.save_base(str(tmp_path / "digits"), base)
+    sweep.check_same_base(str(tmp_path / "digits"), base)                    # the same command resumes
+    changed = base | {"train": {"steps": 900, "lr": 1e-3}}
+    with pytest.raises(ValueError, match=r"started with train.steps=600; resuming it with train.steps=900"):
+        sweep.check_same_base(str(tmp_path / "digits"), changed)
+    sweep.check_same_base(str(tmp_path / "older"), changed)                  # a sweep from before the file

@@ -15,6 +15,7 @@ rerun, and the Optuna study keeps its history.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass, field, replace
@@ -23,6 +24,7 @@ from typing import Any, Dict, List, Optional
 
 import hydra
 import optuna
+import pyarrow.fs
 import ray
 import sqlalchemy
 from hydra.core.config_store import ConfigStore
@@ -76,15 +78,20 @@ class SweepJobConfig(ExperimentConfig):
 # The search space
 # --------------------------------------------------------------------------------------------
 
-def flatten_space(space: dict[str, Any], prefix: str = "") -> dict[str, dict[str, Any]]:
-    """{objective: {inner_lr: {dist: ...}}} -> {'objective.inner_lr': {dist: ...}}."""
+def flatten(config: dict[str, Any], prefix: str = "", whole=lambda value: False) -> dict[str, Any]:
+    """{train: {steps: 5}} -> {'train.steps': 5}; a dict that `whole` accepts is kept as one value."""
     flat = {}
-    for key, value in space.items():
-        if isinstance(value, dict) and not {"dist", "choices"} & set(value):
-            flat.update(flatten_space(value, f"{prefix}{key}."))
+    for key, value in config.items():
+        if isinstance(value, dict) and not whole(value):
+            flat.update(flatten(value, f"{prefix}{key}.", whole))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def flatten_space(space: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """{objective: {inner_lr: {dist: ...}}} -> {'objective.inner_lr': {dist: ...}}."""
+    return flatten(space, whole=lambda spec: bool({"dist", "choices"} & set(spec)))
 
 
 def search_space(space: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
@@ -187,6 +194,7 @@ def sweep_dataset(cfg: SweepJobConfig, base: dict[str, Any], space: dict[str, An
         if cfg.resume is False:
             raise FileExistsError(f"{experiment} holds a sweep: resume it (the same command, or resume=true), "
                                   f"or choose another sweep.name")
+        check_same_base(experiment, base)
         print(f"resuming the {name} sweep in {experiment}", flush=True)
         tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
         return tuner.fit()
@@ -199,6 +207,7 @@ def sweep_dataset(cfg: SweepJobConfig, base: dict[str, Any], space: dict[str, An
         sampler=optuna.samplers.TPESampler(seed=cfg.sweep.seed), storage=optuna.storages.RDBStorage(storage))
     scheduler = ASHAScheduler(metric="probe", mode=mode, time_attr="step", max_t=cfg.train.steps,
                               grace_period=cfg.sweep.grace_period, reduction_factor=cfg.sweep.reduction_factor)
+    save_base(experiment, base)
     concurrent = concurrent_trials(cfg)
     if cfg.sweep.autoscaling:     # Tune fixes its cap on waiting trials at start (ray-project/ray#43451)
         os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(concurrent))
@@ -209,6 +218,37 @@ def sweep_dataset(cfg: SweepJobConfig, base: dict[str, Any], space: dict[str, An
         run_config=tune.RunConfig(storage_path=sweep_dir, name=name, callbacks=[CancelTrainReservations()],
                                   failure_config=tune.FailureConfig(max_failures=cfg.sweep.trial_retries)))
     return tuner.fit()
+
+
+BASE = "trial_base.json"         # in a study's Tune folder: the config its trials start from
+
+
+def save_base(experiment: str, base: dict[str, Any]) -> None:
+    filesystem, folder = pyarrow.fs.FileSystem.from_uri(experiment if "://" in experiment else
+                                                        str(Path(experiment).resolve()))
+    filesystem.create_dir(folder, recursive=True)
+    with filesystem.open_output_stream(f"{folder}/{BASE}") as f:
+        f.write(json.dumps(base, indent=2, sort_keys=True).encode())
+
+
+def check_same_base(experiment: str, base: dict[str, Any]) -> None:
+    """A resumed study reruns its unfinished trials from the config it started with: Tune keeps the
+    search space, samples and scheduler, and a changed setting (train.steps, say) would hold for
+    some trials only. Refuse one, naming what changed."""
+    filesystem, folder = pyarrow.fs.FileSystem.from_uri(experiment if "://" in experiment else
+                                                        str(Path(experiment).resolve()))
+    if filesystem.get_file_info(f"{folder}/{BASE}").type == pyarrow.fs.FileType.NotFound:
+        return                                          # a sweep started before this file existed
+    with filesystem.open_input_stream(f"{folder}/{BASE}") as f:
+        saved = flatten(json.loads(f.read()))
+    now = flatten(json.loads(json.dumps(base)))         # the JSON round trip makes tuples lists, as saved
+    changed = sorted(key for key in saved.keys() | now.keys() if saved.get(key) != now.get(key))
+    if changed:
+        raise ValueError(f"the sweep in {experiment} started with "
+                         + ", ".join(f"{key}={saved.get(key)!r}" for key in changed)
+                         + "; resuming it with " + ", ".join(f"{key}={now.get(key)!r}" for key in changed)
+                         + " would mix both: resume it with the settings it started with, or start "
+                           "another sweep (sweep.name)")
 
 
 def sweep_folder(sweep: SweepConfig, datasets: list[str]) -> str:
