@@ -223,11 +223,17 @@ def sweep_dataset(cfg: SweepJobConfig, base: dict[str, Any], space: dict[str, An
 BASE = "trial_base.json"         # in a study's Tune folder: the config its trials start from
 
 
-def save_base(experiment: str, base: dict[str, Any]) -> None:
+def base_file(experiment: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    """The filesystem (local, or a bucket's) and path of a study's trial_base.json."""
     filesystem, folder = pyarrow.fs.FileSystem.from_uri(experiment if "://" in experiment else
                                                         str(Path(experiment).resolve()))
-    filesystem.create_dir(folder, recursive=True)
-    with filesystem.open_output_stream(f"{folder}/{BASE}") as f:
+    return filesystem, f"{folder}/{BASE}"
+
+
+def save_base(experiment: str, base: dict[str, Any]) -> None:
+    filesystem, path = base_file(experiment)
+    filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with filesystem.open_output_stream(path) as f:
         f.write(json.dumps(base, indent=2, sort_keys=True).encode())
 
 
@@ -235,11 +241,10 @@ def check_same_base(experiment: str, base: dict[str, Any]) -> None:
     """A resumed study reruns its unfinished trials from the config it started with: Tune keeps the
     search space, samples and scheduler, and a changed setting (train.steps, say) would hold for
     some trials only. Refuse one, naming what changed."""
-    filesystem, folder = pyarrow.fs.FileSystem.from_uri(experiment if "://" in experiment else
-                                                        str(Path(experiment).resolve()))
-    if filesystem.get_file_info(f"{folder}/{BASE}").type == pyarrow.fs.FileType.NotFound:
+    filesystem, path = base_file(experiment)
+    if filesystem.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
         return                                          # a sweep started before this file existed
-    with filesystem.open_input_stream(f"{folder}/{BASE}") as f:
+    with filesystem.open_input_stream(path) as f:
         saved = flatten(json.loads(f.read()))
     now = flatten(json.loads(json.dumps(base)))         # the JSON round trip makes tuples lists, as saved
     changed = sorted(key for key in saved.keys() | now.keys() if saved.get(key) != now.get(key))
