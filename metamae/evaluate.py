@@ -17,9 +17,11 @@ from metamae.data import load_dataset
 from metamae.linear_eval import ProbeResult, linear_probe
 from metamae.modality import spec_from_dict
 
+
 def run(cfg: EvaluateConfig) -> ProbeResult:
     checkpoint = load_checkpoint(Path(cfg.checkpoint))
-    data, dataset = load_dataset(cfg.dataset, seed=cfg.probe.seed)
+    # the data seed pretraining used (it makes source=synthetic data), so both see the same examples
+    data, dataset = load_dataset(cfg.dataset, seed=checkpoint["config"]["train"]["seed"])
     cfg = dataclasses.replace(cfg, dataset=dataset)
     trained_on = spec_from_dict(checkpoint["config"]["dataset"]["input"])
     if trained_on != cfg.dataset.spec():

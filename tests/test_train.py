@@ -10,9 +10,12 @@ import pytest
 import torch
 
 from metamae.checkpoint import FILENAME, load_checkpoint, model_from_checkpoint
-from metamae.config import DatasetConfig, TrainConfig
+from metamae.config import DatasetConfig, EvaluateConfig, ProbeConfig, TrainConfig
+from metamae.data import load_dataset
 from metamae.data.arrays import Split, batches
 from metamae.data.digits import digits
+from metamae.evaluate import run as evaluate
+from metamae.linear_eval import linear_probe
 from metamae.model import MetaMAE, ModelConfig, ObjectiveConfig
 from metamae.train import (NonFiniteLoss, RunConfig, compile_loss, make_optimizer, pretrain, restore_optimizer,
                            train_step)
@@ -122,6 +125,19 @@ def test_pretrain_and_evaluate_commands(tmp_path):
     assert evaluation.returncode == 0, evaluation.stderr
     evaluated = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
     assert evaluated["step"] == 20 and evaluated["test"] == pytest.approx(results["metamae"]["test"])
+
+
+def test_evaluate_probes_the_synthetic_data_the_checkpoint_was_pretrained_on(tmp_path):
+    """Synthetic data is drawn from a seed: evaluation takes the checkpoint's train.seed, not probe.seed."""
+    dataset = DatasetConfig(name="synthetic", input={"kind": "tabular", "features": 6}, num_classes=3,
+                            metric="accuracy", batch_size=32, source="synthetic")
+    run = RunConfig(dataset, SMALL, ObjectiveConfig(), TrainConfig(steps=5, seed=3, log_every=5))
+    model = pretrain(run, load_dataset(dataset, seed=3)[0], tmp_path / "run", log=False)
+    probe = ProbeConfig(epochs=2, seed=0)
+    expected = linear_probe(model, load_dataset(dataset, seed=3)[0], dataset, probe)
+    evaluated = evaluate(EvaluateConfig(checkpoint=str(tmp_path / "run"), dataset=dataset, probe=probe,
+                                        out_dir=str(tmp_path / "eval")))
+    assert evaluated.test == pytest.approx(expected.test) and evaluated.train == pytest.approx(expected.train)
 
 
 @pytest.mark.parametrize("override, message", [
