@@ -21,8 +21,12 @@ class Split:
         return len(self.y)
 
     def take(self, index: np.ndarray) -> "Split":
-        x = tuple(part[index] for part in self.x) if isinstance(self.x, tuple) else self.x[index]
-        return Split(x, self.y[index])
+        return Split(take_rows(self.x, index), self.y[index])
+
+
+def take_rows(x: Inputs, index) -> Inputs:
+    """The rows `index` (an index array or a slice) of inputs, of each part for (image, text)."""
+    return tuple(part[index] for part in x) if isinstance(x, tuple) else x[index]
 
 
 class Dataset(Protocol):

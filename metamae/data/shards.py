@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from metamae.data.arrays import to_tensors
+from metamae.data.arrays import take_rows, to_tensors
 from metamae.modality import Spec, spec_from_dict, spec_parts, spec_to_dict
 
 FORMAT_VERSION = 1
@@ -389,13 +389,15 @@ def iter_examples(folder: Path, manifest: Manifest, split: str, batch_size: int,
                 x, y = _gather(pool, rng)
                 start = 0
                 while rows - start >= batch_size and rows - start > keep:
-                    yield _rows(x, start, start + batch_size), y[start:start + batch_size]
+                    batch = slice(start, start + batch_size)
+                    yield take_rows(x, batch), y[batch]
                     start += batch_size
-                pool, rows = [(_rows(x, start, rows), y[start:])], rows - start
+                pool, rows = [(take_rows(x, slice(start, rows)), y[start:])], rows - start
     if rows:
         x, y = _gather(pool, rng)
         for start in range(0, rows, batch_size):
-            yield _rows(x, start, start + batch_size), y[start:start + batch_size]
+            batch = slice(start, start + batch_size)
+            yield take_rows(x, batch), y[batch]
 
 
 def _gather(pool: list[tuple[Any, np.ndarray]], rng) -> tuple[Any, np.ndarray]:
@@ -406,11 +408,7 @@ def _gather(pool: list[tuple[Any, np.ndarray]], rng) -> tuple[Any, np.ndarray]:
     if rng is None:
         return x, y
     index = rng.permutation(len(y))
-    return (tuple(p[index] for p in x) if isinstance(x, tuple) else x[index]), y[index]
-
-
-def _rows(x: Any, start: int, stop: int) -> Any:
-    return tuple(p[start:stop] for p in x) if isinstance(x, tuple) else x[start:stop]
+    return take_rows(x, index), y[index]
 
 
 class ShardDataset:
