@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import hydra
 import optuna
 import pandas as pd
 import pytest
@@ -19,7 +20,10 @@ from ray_head import RAY, ray_head
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tune"))
 import sweep  # noqa: E402  (tune/ is a folder of scripts)
-from metamae.config import DatasetConfig  # noqa: E402
+from metamae.config import CONFIG_DIR, DatasetConfig  # noqa: E402
+from metamae.data.shards import ShardWriter  # noqa: E402
+from metamae.data.synthetic import synthetic  # noqa: E402
+from metamae.modality import ImageSpec, spec_from_dict  # noqa: E402
 
 PORT, DASHBOARD_PORT = 6480, 8480               # not Ray's defaults, which other tests' Rays use
 QUICK = ["train.steps=20", "train.log_every=10", "sweep.grace_period=10", "sweep.reduction_factor=2",
@@ -121,6 +125,14 @@ def test_a_wrong_sweep_key_fails_before_anything_starts_naming_it(override, mess
     assert not (tmp_path / "bad").exists()
 
 
+def test_a_sweep_into_a_bucket_keeps_hydras_log_folder_local_and_unmangled(tmp_path):
+    """Hydra's run folder follows sweep.dir; for s3://... it would be a local folder named 's3:'."""
+    run = subprocess.run([sys.executable, str(ROOT / "tune" / "sweep.py"), "sweep.dir=s3://bucket/sweeps",
+                          "dataset=pamap2"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "no prepared shards" in run.stdout + run.stderr       # after Hydra's set-up
+    assert [p.name for p in tmp_path.iterdir()] == [".hydra"]
+
+
 def test_a_new_sweep_refuses_a_storage_that_holds_another_sweeps_study(tmp_path):
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
     optuna.create_study(study_name="digits", storage=storage)            # an earlier sweep's
@@ -186,6 +198,21 @@ def test_a_trial_on_shards_keeps_a_cpu_share_for_its_ray_data_tasks():
     shards = sweep.SweepJobConfig(dataset=DatasetConfig(name="pamap2", source="shards", path="data/pamap2"))
     assert sweep.trial_resources(digits)["CPU"] == pytest.approx(0.6)           # driver 0.1 + a 0.5-CPU worker
     assert sweep.trial_resources(shards)["CPU"] == pytest.approx(0.85)          # + one 0.25-CPU read task
+
+
+def test_a_trial_on_a_custom_dataset_carries_the_manifests_input_classes_and_metric(tmp_path):
+    """configs/dataset/custom.yaml leaves them to the manifest; the trials' config must hold them, as
+    every checkpoint stores it and rebuilds its model from it (metamae.evaluate)."""
+    data = synthetic(ImageSpec(channels=1, height=8, width=8, patch=2), num_classes=3, train=40, test=10)
+    writer = ShardWriter(tmp_path / "mine", "mine", data.spec, 3, "weighted_f1", progress=False)
+    writer.add("train", data.train.x, data.train.y)
+    writer.add("test", data.test.x, data.test.y)
+    writer.finish()
+    with hydra.initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        job = hydra.compose("sweep", overrides=["dataset=custom", f"dataset.path={tmp_path / 'mine'}"])
+    [(_, base, _)] = sweep.studies(job)
+    assert spec_from_dict(base["dataset"]["input"]) == data.spec
+    assert (base["dataset"]["num_classes"], base["dataset"]["metric"]) == (3, "weighted_f1")
 
 
 def test_a_resumed_sweep_refuses_settings_its_trials_did_not_start_with(tmp_path):

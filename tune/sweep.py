@@ -208,13 +208,10 @@ def sweep_dataset(cfg: SweepJobConfig, base: dict[str, Any], space: dict[str, An
     scheduler = ASHAScheduler(metric="probe", mode=mode, time_attr="step", max_t=cfg.train.steps,
                               grace_period=cfg.sweep.grace_period, reduction_factor=cfg.sweep.reduction_factor)
     save_base(experiment, base)
-    concurrent = concurrent_trials(cfg)
-    if cfg.sweep.autoscaling:     # Tune fixes its cap on waiting trials at start (ray-project/ray#43451)
-        os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(concurrent))
     tuner = tune.Tuner(
         trainable, param_space=space,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=cfg.sweep.num_samples,
-                                    max_concurrent_trials=concurrent),
+                                    max_concurrent_trials=concurrent_trials(cfg)),
         run_config=tune.RunConfig(storage_path=sweep_dir, name=name, callbacks=[CancelTrainReservations()],
                                   failure_config=tune.FailureConfig(max_failures=cfg.sweep.trial_retries)))
     return tuner.fit()
@@ -359,7 +356,9 @@ def studies(job: DictConfig) -> list[tuple[SweepJobConfig, dict[str, Any], dict[
         base = OmegaConf.to_container(composed, resolve=True)
         for key in ("space", "sweep", "datasets", "resume"):
             base.pop(key)
-        base["dataset"]["path"] = dataset.path                          # absolute: trials run elsewhere
+        # absolute (trials run elsewhere), and what the manifest says: each checkpoint's config rebuilds its model
+        base["dataset"].update(path=dataset.path, input=dataset.input, num_classes=dataset.num_classes,
+                               metric=dataset.metric)
         if cfg.sweep.autoscaling:
             base["trainer"]["check_resources"] = False
         prepared.append((cfg, base, search_space(cfg.space, base)))
@@ -392,6 +391,9 @@ def main(job: DictConfig) -> None:
 def register_sweep() -> None:
     register()
     ConfigStore.instance().store(name="sweep_schema", node=SweepJobConfig)
+    # Hydra's own log folder (configs/sweep.yaml): in a local sweep folder, else in this folder
+    OmegaConf.register_new_resolver("local_or_here", lambda folder: "." if "://" in folder else folder,
+                                    replace=True)
 
 
 register_sweep()
