@@ -54,6 +54,8 @@ class DatasetConfig:
             raise ValueError(f"dataset.metric is {self.metric!r}; expected one of {list(METRICS)}")
         if self.source not in SOURCES:
             raise ValueError(f"dataset.source is {self.source!r}; expected one of {list(SOURCES)}")
+        if self.batch_size < 1:
+            raise ValueError(f"dataset.batch_size is {self.batch_size}; expected >= 1")
         if self.path:          # Ray Train workers and Tune trials run in folders of their own
             self.path = str(Path(self.path).expanduser().absolute())
 
@@ -76,6 +78,14 @@ class TrainConfig:
     threads: Optional[int] = None      # torch intra-op threads; None leaves torch's default
     device: str = "cpu"
     compile: bool = False              # torch.compile the loss; the first step compiles (~2 min on 2 CPUs)
+
+    def __post_init__(self):
+        for key in ("steps", "log_every", "checkpoint_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"train.{key} is {getattr(self, key)}; expected >= 1")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ValueError(f"train.lr={self.lr}, train.weight_decay={self.weight_decay}: expected lr > 0 and "
+                             f"weight_decay >= 0")
 
 
 @dataclass
@@ -108,6 +118,13 @@ class ProbeConfig:
     weight_decay: float = 1e-4
     batch_size: Optional[int] = None   # None: the dataset's batch size
     seed: int = 0
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.lr <= 0 or self.weight_decay < 0 or (self.batch_size is not None
+                                                                         and self.batch_size < 1):
+            raise ValueError(f"probe.epochs={self.epochs}, probe.lr={self.lr}, probe.weight_decay="
+                             f"{self.weight_decay}, probe.batch_size={self.batch_size}: expected epochs >= 1, "
+                             f"lr > 0, weight_decay >= 0 and batch_size >= 1 (or null)")
 
 
 @dataclass

@@ -21,6 +21,7 @@ from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 from metamae.config import DatasetConfig, ProbeConfig
 from metamae.data.arrays import Split, batches
 from metamae.model import MetaMAE
+from metamae.modality import to_device
 
 
 @dataclass
@@ -40,8 +41,7 @@ def extract_features(model: MetaMAE, data, split: str, batch_size: int, per_toke
     device = next(model.parameters()).device
     feats, labels = [], []
     for x, y in islice(data.stream(split, batch_size), max_batches):
-        x = tuple(part.to(device) for part in x) if isinstance(x, tuple) else x.to(device)
-        f = model.features(x, per_token=per_token)                        # B × D or B × L × D
+        f = model.features(to_device(x, device), per_token=per_token)                        # B × D or B × L × D
         f, y = f.reshape(-1, f.shape[-1]).cpu(), (y.reshape(-1) if per_token else y)
         if ignore_label is not None:
             keep = y != ignore_label

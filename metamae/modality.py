@@ -9,6 +9,7 @@ set adds hidden tokens next to visible ones).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Union
 
@@ -120,6 +121,11 @@ def spec_parts(spec: Spec) -> tuple[Spec, ...]:
     return (spec.image, spec.text) if isinstance(spec, ImageTextSpec) else (spec,)
 
 
+def to_device(x: Batch, device) -> Batch:
+    """A batch (a tensor, or a tuple (image, text)) on `device`."""
+    return tuple(part.to(device) for part in x) if isinstance(x, tuple) else x.to(device)
+
+
 def check_batch(spec: Spec, x: Batch) -> None:
     """Raise ValueError, naming both, when a batch's examples are not the shape the spec says."""
     parts = tuple(x) if isinstance(x, (tuple, list)) else (x,)
@@ -131,6 +137,9 @@ def check_batch(spec: Spec, x: Batch) -> None:
 
 def spec_from_dict(d: dict[str, Any]) -> Spec:
     """{'kind': 'timeseries', 'channels': 52, ...} -> TimeSeriesSpec; names a wrong key or kind."""
+    if not isinstance(d, Mapping):
+        raise ValueError(f"input is {d!r}; expected a mapping such as {{kind: image, channels: 3, height: 32, "
+                         f"width: 32, patch: 4}} (set dataset.input, or dataset.path for a prepared folder)")
     d = dict(d)
     kind = d.pop("kind", None)
     if kind not in SPECS:
@@ -145,7 +154,8 @@ def spec_from_dict(d: dict[str, Any]) -> Spec:
         return ImageTextSpec(image=spec_from_dict({"kind": "image", **d["image"]}),
                              text=spec_from_dict({"kind": "tokens", **d["text"]}))
     for key, value in d.items():
-        if isinstance(value, bool) or not float(value).is_integer() or value < 1:
+        whole = isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer()
+        if not whole or value < 1:
             raise ValueError(f"input.{key} is {value!r}; expected a positive whole number")
     return cls(**{k: int(v) for k, v in d.items()})
 

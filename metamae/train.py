@@ -20,6 +20,7 @@ from metamae.checkpoint import FILENAME, load_checkpoint, save_checkpoint
 from metamae.config import DatasetConfig, TrainConfig
 from metamae.data.arrays import ArrayDataset, Dataset, batches_from_step, endless_batches, to_tensors
 from metamae.model import Losses, MetaMAE, ModelConfig, ObjectiveConfig
+from metamae.modality import to_device
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -37,7 +38,7 @@ def keep_freed_memory() -> bool:
     trim threshold. Most of a CPU step's activations are such blocks, so every step faults their
     pages in afresh: 7-25 thousand page faults per `dabs` step, 1-10 % of its time on two cores
     (bench/allocator.py). The process's peak memory grows by up to 4 %; it no longer shrinks after it.
-    Returns False, changing nothing, where the C library has no mallopt (macOS) or refuses it.
+    Returns False where the C library has no mallopt (macOS, changing nothing) or refuses a setting.
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt
@@ -140,7 +141,7 @@ def pretrain(run: RunConfig, data: Dataset, out_dir: Path, log: bool = True) -> 
         while step < cfg.steps:
             x = next(stream)
             step += 1
-            losses = train_step(model, optimizer, _to(x, cfg.device), step)
+            losses = train_step(model, optimizer, to_device(x, cfg.device), step)
             examples += run.dataset.batch_size
             if step % cfg.log_every == 0 or step == cfg.steps:
                 now = time.perf_counter()
@@ -186,7 +187,3 @@ def resume(path: Path, model: MetaMAE, optimizer: torch.optim.Optimizer, run: Ru
     torch.set_rng_state(checkpoint["torch_rng"])
     print(f"resuming from {path} at step {checkpoint['step']}", flush=True)
     return checkpoint["step"]
-
-
-def _to(x, device: str):
-    return tuple(part.to(device) for part in x) if isinstance(x, tuple) else x.to(device)

@@ -67,6 +67,10 @@ def test_specs_round_trip_and_name_bad_keys():
         spec_from_dict({"kind": "image", "channels": 1, "height": 8, "width": 8, "patch": 2.7})
     with pytest.raises(ValueError, match="input.features is 0"):
         spec_from_dict({"kind": "tabular", "features": 0})
+    with pytest.raises(ValueError, match="input.features is 'many'"):
+        spec_from_dict({"kind": "tabular", "features": "many"})
+    with pytest.raises(ValueError, match="input is None; expected a mapping"):
+        spec_from_dict(None)
 
 
 def test_a_dataset_that_is_not_there_names_the_command_that_prepares_it(tmp_path):

@@ -44,8 +44,8 @@ def mean_loss(model, split: Split, seed: int = 0) -> float:
 def test_200_steps_on_the_embedded_digits_lower_the_training_loss(tmp_path, method):
     data = digits()
     run = run_config(200, method=method)
-    torch.manual_seed(run.train.seed)
-    untrained = pretrain(replace(run, train=replace(run.train, steps=0)), data, tmp_path / "untrained", log=False)
+    torch.manual_seed(run.train.seed)                            # the initial weights pretrain starts from
+    untrained = MetaMAE(data.spec, run.model, run.objective)
     trained = pretrain(run, data, tmp_path / "trained", log=False)
     assert mean_loss(trained, data.train) < 0.8 * mean_loss(untrained, data.train)
     assert list((tmp_path / "trained" / "tensorboard").glob("events.out.tfevents.*"))
@@ -145,6 +145,7 @@ def test_evaluate_probes_the_synthetic_data_the_checkpoint_was_pretrained_on(tmp
     ("objective.mask_ratio=1.5", "objective.mask_ratio is 1.5"),
     ("dataset=nosuchdata", "nosuchdata"),
     ("dataset.metric=top5", "dataset.metric is 'top5'"),
+    ("train.log_every=0", "train.log_every is 0"),
 ])
 def test_a_wrong_config_key_or_value_fails_naming_it(override, message, tmp_path):
     run = cli("metamae.pretrain", override, "train.steps=1", f"out_dir={tmp_path}")

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Optional, Protocol, Union
+from typing import Callable, Iterable, Iterator, Optional, Protocol, Union
 
 import numpy as np
 import torch
@@ -97,13 +97,19 @@ def batches_from_step(split: Split, batch_size: int, seed: int, step: int,
 
 def endless_batches(dataset: Dataset, split: str, batch_size: int, seed: int) -> Iterator[tuple[object, torch.Tensor]]:
     """Full batches of a split, epoch after epoch; epoch e is shuffled with seed + e."""
-    epoch = 0
+    return epochs(lambda epoch_seed: dataset.stream(split, batch_size, seed=epoch_seed, drop_last=True), seed,
+                  f"the {split!r} split of {dataset.name!r} has fewer examples than one batch of {batch_size}: "
+                  f"lower dataset.batch_size")
+
+
+def epochs(one_epoch: Callable[[int], Iterable], seed: int, too_small: str) -> Iterator:
+    """one_epoch(seed), one_epoch(seed + 1), ... one after the other, forever. An epoch without a
+    batch (a split smaller than one batch) raises ValueError(too_small) instead of looping forever."""
     while True:
         empty = True
-        for batch in dataset.stream(split, batch_size, seed=seed + epoch, drop_last=True):
+        for batch in one_epoch(seed):
             empty = False
             yield batch
         if empty:
-            raise ValueError(f"the {split!r} split of {dataset.name!r} has fewer examples than one batch of "
-                             f"{batch_size}: lower dataset.batch_size")
-        epoch += 1
+            raise ValueError(too_small)
+        seed += 1
