@@ -19,13 +19,13 @@ from ray.util.state import list_actors
 
 from conftest import SPECS, random_batch, tiny_model
 
-from metamae.checkpoint import load_checkpoint
+from metamae.checkpoint import FILENAME, load_checkpoint, save_checkpoint
 from metamae.data.converters.digits import convert
 from metamae.distributed.collectives import ProcessGroupBatch
 from metamae.config import DatasetConfig, ProbeConfig, TrainConfig, TrainerConfig
-from metamae.distributed.trainer import ResourceRequestError, default_environment, fit
+from metamae.distributed.trainer import BEST, ResourceRequestError, best_probe_so_far, default_environment, fit
 from metamae.distributed.tune_reports import ReportQueue
-from metamae.model import ModelConfig, ObjectiveConfig
+from metamae.model import MetaMAE, ModelConfig, ObjectiveConfig
 from metamae.train import NonFiniteLoss, RunConfig
 
 SMALL = ModelConfig(enc_width=32, enc_depth=2, enc_heads=4, dec_width=16, dec_depth=1, dec_heads=2, dropout=0.0)
@@ -130,6 +130,19 @@ def test_a_finished_run_started_again_reports_its_final_metrics_again(local_ray,
     fit(run_config(4, 4), QUICK_PROBE, trainer(1), tmp_path, callbacks=[reports])
     again = [report for report, _ in reports.queue.get_nowait_batch(reports.queue.qsize())]
     assert [r["step"] for r in again] == [4] and again[0]["objective"] == first.metrics["objective"], again
+
+
+def test_a_restarted_run_keeps_the_best_probe_its_best_folder_holds(tmp_path):
+    """A probe after the last checkpoint may have improved best/ before a failure: the restarted run
+    must not replace that model with one its probes rate lower. A best/ of another run does not count."""
+    run = run_config(4, 4)
+    model = MetaMAE(DIGITS.spec(), SMALL, run.objective)
+    save_checkpoint(tmp_path / BEST / FILENAME, model, None, 3, run.to_dict(), best_probe=0.9)
+    assert best_probe_so_far(tmp_path, run, restored=0.5) == 0.9
+    assert best_probe_so_far(tmp_path, run, restored=None) == 0.9
+    assert best_probe_so_far(tmp_path / "elsewhere", run, restored=0.5) == 0.5
+    other = replace(run, objective=replace(run.objective, mask_ratio=0.25))
+    assert best_probe_so_far(tmp_path, other, restored=0.5) == 0.5
 
 
 def started_at(pid: int) -> int:

@@ -33,11 +33,12 @@ from tensorboardX import SummaryWriter
 from metamae.checkpoint import FILENAME, load_checkpoint, save_checkpoint
 from metamae.config import ProbeConfig, TrainerConfig
 from metamae.data import load_dataset
-from metamae.data.arrays import ArrayDataset, batches_from_step, to_tensors
+from metamae.data.arrays import ArrayDataset, batches_from_step, epochs, to_tensors
 from metamae.distributed.collectives import ProcessGroupBatch
 from metamae.distributed.stream import StreamConfig, read_split, torch_batches
 from metamae.linear_eval import linear_probe, online_probe
 from metamae.model import Losses, MetaMAE
+from metamae.modality import to_device
 from metamae.train import (NonFiniteLoss, RunConfig, check_finite, check_same_run, compile_loss,
                            configure_process, make_optimizer, restore_optimizer)
 
@@ -149,7 +150,7 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     optimizer = make_optimizer(model, cfg)
     if state["optimizer"] is not None:
         restore_optimizer(optimizer, state["optimizer"])
-    step, best = state["step"], state["best_probe"]
+    step, best = state["step"], best_probe_so_far(out_dir, run, state["best_probe"])
     resumed_from = step
 
     writer = SummaryWriter(str(out_dir / "tensorboard")) if rank == 0 else None
@@ -228,6 +229,20 @@ def restore(checkpoint: Optional[Checkpoint], model: MetaMAE, run: RunConfig) ->
             "metrics": saved.get("metrics")}
 
 
+def best_probe_so_far(out_dir: Path, run: RunConfig, restored: Optional[float]) -> Optional[float]:
+    """The online probe a new best must beat: the restored checkpoint's best, or the run folder's
+    best/ copy's where a probe after that checkpoint improved it before a failure."""
+    path = out_dir / BEST / FILENAME
+    if not path.is_file():
+        return restored
+    saved = load_checkpoint(path)
+    try:
+        check_same_run(saved["config"], run, str(path))
+    except ValueError:
+        return restored                                   # an earlier run's: this one's first probe replaces it
+    return max(v for v in (restored, saved["best_probe"]) if v is not None)
+
+
 def worker_batches(data, run: RunConfig, rank: int, world: int, step: int) -> Iterator[object]:
     """This worker's inputs for steps step+1, step+2, ...: its rows of each global batch.
 
@@ -242,14 +257,9 @@ def worker_batches(data, run: RunConfig, rank: int, world: int, step: int) -> It
             yield to_tensors(batch.x)
     shard = ray.train.get_dataset_shard(PRETRAIN)
     stream = StreamConfig(batch_size=local)
-    for epoch in range(step, step + 10**9):
-        empty = True
-        for x, _ in torch_batches(shard, stream, seed=cfg.seed + epoch, drop_last=True):
-            empty = False
-            yield x
-        if empty:
-            raise ValueError(f"worker {rank}'s part of the {run.dataset.pretrain_split!r} split has fewer "
-                             f"examples than one batch of {local}: lower dataset.batch_size")
+    yield from epochs(lambda seed: (x for x, _ in torch_batches(shard, stream, seed=seed, drop_last=True)),
+                      cfg.seed + step, f"worker {rank}'s part of the {run.dataset.pretrain_split!r} split has "
+                      f"fewer examples than one batch of {local}: lower dataset.batch_size")
 
 
 def step_noise(run: RunConfig, num_tokens: int, step: int, rank: int, world: int, device):
@@ -307,10 +317,6 @@ def autocast(trainer: TrainerConfig, device: torch.device):
     if trainer.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def to_device(x, device):
-    return tuple(part.to(device) for part in x) if isinstance(x, tuple) else x.to(device)
 
 
 def default_environment() -> None:
