@@ -5,14 +5,13 @@ a half-written checkpoint; read with `torch.load(weights_only=True)`, which runs
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from metamae import __version__
+from metamae.files import atomic_file
 from metamae.model import MetaMAE, ModelConfig, ObjectiveConfig
 from metamae.modality import spec_from_dict
 
@@ -23,20 +22,12 @@ def save_checkpoint(path: Path, model: MetaMAE, optimizer: Optional[torch.optim.
                     config: dict[str, Any], **extra: Any) -> Path:
     """`config` holds plain values: {'dataset': {...}, 'model': {...}, 'objective': {...}, ...};
     `extra` plain values a trainer needs to resume (the best probe so far, ...)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"model": model.state_dict(), "step": step, "config": config, "version": __version__,
                "optimizer": optimizer.state_dict() if optimizer is not None else None,
                "torch_rng": torch.get_rng_state(), **extra}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_file(path) as f:
+        torch.save(payload, f)
+    return Path(path)
 
 
 def latest_in(folder: Path) -> Path:

@@ -36,6 +36,16 @@ def test_every_modality_round_trips_through_shards(tmp_path, kind):
         assert got.dtype == want.dtype and np.array_equal(got, want)
 
 
+def test_examples_of_another_shape_than_the_manifests_are_refused(tmp_path):
+    """Cut into rows of the manifest's size they would be misaligned, and pass every later check."""
+    data = synthetic(SPECS["image"], train=20, test=5)                  # 2 × 8 × 8
+    writer = ShardWriter(tmp_path, "d", data.spec, 3, "accuracy", progress=False)
+    with pytest.raises(ShardError, match=r"have shapes \[\(20, 2, 8, 9\), \(20,\)\]"):
+        writer.add("train", np.zeros((20, 2, 8, 9), np.float32), data.train.y)
+    with pytest.raises(ShardError, match=r"ids: \(3,\)"):
+        writer.add("train", data.train.x, data.train.y, ids=np.arange(3))
+
+
 def test_shards_and_row_groups_follow_the_target_size(tmp_path):
     data = synthetic(SPECS["image"], train=200, test=10)     # 2 × 8 × 8 float32 = 512 bytes a row
     manifest = write(tmp_path, data, shard_bytes=30_000)

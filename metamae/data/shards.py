@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -30,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from metamae.data.arrays import take_rows, to_tensors
+from metamae.files import atomic_file
 from metamae.modality import Spec, spec_from_dict, spec_parts, spec_to_dict
 
 FORMAT_VERSION = 1
@@ -179,14 +179,8 @@ class Manifest:
             raise ShardError(f"{path} is not a valid manifest ({error}): prepare the dataset again") from error
 
     def save(self, folder: Path) -> None:
-        _atomic_write_text(Path(folder) / MANIFEST, json.dumps(dataclasses.asdict(self), indent=2))
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+        with atomic_file(Path(folder) / MANIFEST, "w") as f:
+            f.write(json.dumps(dataclasses.asdict(self), indent=2))
 
 
 def sha256_of(path: Path) -> str:
@@ -241,6 +235,7 @@ class ShardWriter:
     def add(self, split: str, x, y: np.ndarray, ids: Optional[np.ndarray] = None) -> None:
         """Append examples: x is N × shape (a tuple (image, text) for image+text), y their labels."""
         parts = x if isinstance(x, tuple) else (x,)
+        self._check_shapes(split, (*parts, y), ids)
         problem = input_problem(parts, self.manifest.spec)
         if problem:
             raise ShardError(f"the {split} examples written to {self.folder} hold {problem}: fix or drop "
@@ -255,6 +250,15 @@ class ShardWriter:
             arrays += [c.encode(p[lo:hi]) for c, p in zip(self.columns, (*parts, y))]
             self._write(split, pa.Table.from_arrays(arrays, schema=self.schema))
             self._bar.update(hi - lo)
+
+    def _check_shapes(self, split: str, arrays: tuple, ids: Optional[np.ndarray]) -> None:
+        n = len(arrays[-1])
+        got = [np.shape(a) for a in arrays]
+        want = [(n, *c.shape) for c in self.columns]
+        if got != want or (ids is not None and np.shape(ids) != (n,)):
+            raise ShardError(f"the {split} examples written to {self.folder} have shapes {got} (ids: "
+                             f"{None if ids is None else np.shape(ids)}); the {self.manifest.name} manifest's "
+                             f"columns {[c.name for c in self.columns]} take {want} (ids: ({n},))")
 
     def _write(self, split: str, table: pa.Table) -> None:
         while table.num_rows:
