@@ -8,8 +8,10 @@ loss = model(x).total, backward, optimizer step.
 - time: 3 warm-up steps, then --steps timed ones; median, min, IQR and every step, in ms.
 - GFLOP: torch.utils.flop_counter.FlopCounterMode over one further full step (forward + backward;
   it counts matmuls, convolutions and attention, not element-wise ops or the optimizer).
-- GFLOP/s: GFLOP / median seconds, also as a fraction of a 2048 × 2048 float32 matmul's GFLOP/s
-  measured in the same run (median of 10 after 3 warm-ups).
+- GFLOP/s: GFLOP / median seconds. fraction_of_matmul: that over the GFLOP/s of a 2048 × 2048
+  float32 matmul timed in the same process right after the timed steps (median of 20 after 3
+  warm-ups: matmul_adjacent_gflop_per_s), so that the machine's drift over minutes, which moves the
+  matmul by ±20 %, does not enter the ratio. The run's first matmul (matmul_2048) is kept for reference.
 - breakdown: where a step's time goes, from torch.profiler over 3 further steps (self CPU time):
   the matrix products (mm, addmm, bmm, convolutions, fused attention: what the FLOP count counts)
   and their GFLOP/s, dropout's mask draws (bernoulli_), and everything else, each as a share of the step.
@@ -168,9 +170,15 @@ def measure_config(shape: str, method: str, batch: int, steps: int, compiled: bo
     setup_rss = proc_status_mb("VmRSS")
     stats = timed(step, steps)
     peak_rss = proc_status_mb("VmHWM")
-    return {**stats, "gflop": gflop, "gflop_per_s": gflop / (stats["ms_median"] / 1e3),
-            "setup_rss_mb": setup_rss, "peak_rss_mb": peak_rss, "step_extra_mb": peak_rss - setup_rss,
-            "breakdown": breakdown(step, gflop)}
+    matmul_rate = matmul_baseline(20)["gflop_per_s"]                  # right after, in this process
+    report = {**stats, "gflop": gflop, "gflop_per_s": gflop / (stats["ms_median"] / 1e3),
+              "matmul_adjacent_gflop_per_s": matmul_rate,
+              "fraction_of_matmul": gflop / (stats["ms_median"] / 1e3) / matmul_rate,
+              "setup_rss_mb": setup_rss, "peak_rss_mb": peak_rss, "step_extra_mb": peak_rss - setup_rss,
+              "breakdown": breakdown(step, gflop)}
+    report["breakdown"]["matrix_products_fraction_of_matmul"] = (
+        report["breakdown"]["matrix_products_gflop_per_s"] / matmul_rate)
+    return report
 
 
 def measure_paired(shape: str, methods: list[str], batch: int, rounds: int, compiled: bool) -> dict:
@@ -261,18 +269,14 @@ def main() -> None:
         shape, methods = args.paired.split(":")
         print(json.dumps(measure_paired(shape, methods.split(","), args.batch, args.steps, args.compile)))
         return
-    matmul = matmul_baseline(args.steps)
+    first_matmul = matmul_baseline(args.steps)
     setup = {"torch": torch.__version__, "threads": THREADS, "cpu": cpu_model(), "cpus": os.cpu_count(),
              "keeps_freed_memory": keeps_freed_memory, "compiled": args.compile, "batch": args.batch,
              "warmup": WARMUP, "steps": args.steps}
-    report = {"setup": setup, "matmul_2048": matmul, "shapes": {}}
+    report = {"setup": setup, "matmul_2048": first_matmul, "shapes": {}}
     for shape in args.shapes.split(","):
         results = {method: in_subprocess("--config", f"{shape}:{method}", args)
                    for method in args.methods.split(",")}
-        for r in results.values():
-            r["fraction_of_matmul"] = r["gflop_per_s"] / matmul["gflop_per_s"]
-            r["breakdown"]["matrix_products_fraction_of_matmul"] = (
-                r["breakdown"]["matrix_products_gflop_per_s"] / matmul["gflop_per_s"])
         report["shapes"][shape] = {"methods": results,
                                    "ratios": ratios(shape, results, args)}
     report["contended"] = [name for name, r in measurements(report) if r["other_cpu_share"] > CONTENDED]
