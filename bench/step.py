@@ -11,13 +11,16 @@ loss = model(x).total, backward, optimizer step.
 - GFLOP/s: GFLOP / median seconds. fraction_of_matmul: that over the GFLOP/s of a 2048 × 2048
   float32 matmul timed in the same process right after the timed steps (median of 20 after 3
   warm-ups: matmul_adjacent_gflop_per_s), so that the machine's drift over minutes, which moves the
-  matmul by ±20 %, does not enter the ratio. The run's first matmul (matmul_2048) is kept for reference.
+  matmul by ±20 %, does not enter the ratio; fraction_of_matmul_paired (under ratios) takes the
+  matmul's time in each round of the paired run (below) instead, which also cancels the swings of a
+  few seconds that a noisy machine shows (the matmul alone: 160 to 305 ms within 20 s on a 2-core
+  AMD EPYC). The run's first matmul (matmul_2048) is kept for reference.
 - breakdown: where a step's time goes, from torch.profiler over 3 further steps (self CPU time):
   the matrix products (mm, addmm, bmm, convolutions, fused attention: what the FLOP count counts)
   and their GFLOP/s, dropout's mask draws (bernoulli_), and everything else, each as a share of the step.
 - paired ratios: the step time of each method over MAE's, measured in one process that holds every
-  method's model and runs one step of each in turn (--steps rounds after the warm-up): the median of
-  the per-round ratios. With --compile that process also holds an eager twin of each compiled
+  method's model and runs one step of each in turn, then the matmul (--steps rounds after the
+  warm-up): the median of the per-round ratios. With --compile that process also holds an eager twin of each compiled
   model, which gives each method's compiled time over its eager time the same way. The
   machine's speed drifts by ±20 % over minutes; a ratio of two medians taken minutes apart in
   separate processes carries that drift, a per-round ratio does not.
@@ -182,14 +185,18 @@ def measure_config(shape: str, method: str, batch: int, steps: int, compiled: bo
 
 
 def measure_paired(shape: str, methods: list[str], batch: int, rounds: int, compiled: bool) -> dict:
-    """Every model in this process, one step of each in turn (`rounds` rounds after the warm-up).
+    """Every model in this process, one step of each in turn, and the 2048 × 2048 matmul after them
+    (`rounds` rounds after the warm-up).
 
     over_mae: per method, the median of its per-round time over MAE's (when MAE is measured).
+    matmul_over: per method, the median of the matmul's per-round time over the method's step time
+    (times the FLOP ratio, the step's GFLOP/s as a fraction of the matmul's).
     compiled_over_eager (compiled only): each method's model also runs eagerly beside its compiled
     twin; per method, the median of compiled over eager.
     """
     modes = ("compiled", "eager") if compiled else ("eager",)
-    steps = {}
+    a, b = torch.randn(MATMUL_N, MATMUL_N), torch.randn(MATMUL_N, MATMUL_N)
+    steps = {("matmul", "eager"): lambda: a @ b}
     for method in methods:
         for mode in modes:
             torch.manual_seed(0)
@@ -211,7 +218,8 @@ def measure_paired(shape: str, methods: list[str], batch: int, rounds: int, comp
         return statistics.median(t / u for t, u in zip(times[a], times[b]))
 
     report = {"over_mae": {m: ratio((m, modes[0]), ("mae", modes[0]))
-                           for m in methods if m != "mae" and "mae" in methods}}
+                           for m in methods if m != "mae" and "mae" in methods},
+              "matmul_over": {m: ratio(("matmul", "eager"), (m, modes[0])) for m in methods}}
     if compiled:
         report["compiled_over_eager"] = {m: ratio((m, "compiled"), (m, "eager")) for m in methods}
     return report
@@ -225,15 +233,16 @@ def in_subprocess(flag: str, value: str, args: argparse.Namespace):
 
 
 def ratios(shape: str, results: dict, args: argparse.Namespace) -> dict:
-    """Paired times: per method over MAE's, beside the FLOP ratio (if MAE was measured), and
-    compiled over eager (--compile)."""
-    if not args.compile and ("mae" not in results or len(results) == 1):
-        return {}
+    """Paired times: each method's GFLOP/s as a fraction of the matmul's; per method over MAE's,
+    beside the FLOP ratio (if MAE was measured); compiled over eager (--compile)."""
     paired = in_subprocess("--paired", f"{shape}:{','.join(results)}", args)
-    report = {f"{m}_over_mae": {"time_paired": time_ratio,
-                                "time_of_medians": results[m]["ms_median"] / results["mae"]["ms_median"],
-                                "flop": results[m]["gflop"] / results["mae"]["gflop"]}
-              for m, time_ratio in paired["over_mae"].items()}
+    matmul_gflop = 2 * MATMUL_N ** 3 / 1e9
+    report = {"fraction_of_matmul_paired": {m: results[m]["gflop"] / matmul_gflop * time_ratio
+                                            for m, time_ratio in paired["matmul_over"].items()}}
+    report |= {f"{m}_over_mae": {"time_paired": time_ratio,
+                                 "time_of_medians": results[m]["ms_median"] / results["mae"]["ms_median"],
+                                 "flop": results[m]["gflop"] / results["mae"]["gflop"]}
+               for m, time_ratio in paired["over_mae"].items()}
     if args.compile:
         report["compiled_over_eager_paired"] = paired["compiled_over_eager"]
     return report
