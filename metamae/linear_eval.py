@@ -41,7 +41,7 @@ def extract_features(model: MetaMAE, data, split: str, batch_size: int, per_toke
     device = next(model.parameters()).device
     feats, labels = [], []
     for x, y in islice(data.stream(split, batch_size), max_batches):
-        f = model.features(to_device(x, device), per_token=per_token)                        # B × D or B × L × D
+        f = model.features(to_device(x, device), per_token=per_token)     # B × D or B × L × D
         f, y = f.reshape(-1, f.shape[-1]).cpu(), (y.reshape(-1) if per_token else y)
         if ignore_label is not None:
             keep = y != ignore_label
