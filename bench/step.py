@@ -19,8 +19,8 @@ loss = model(x).total, backward, optimizer step.
   the matrix products (mm, addmm, bmm, convolutions, fused attention: what the FLOP count counts)
   and their GFLOP/s, dropout's mask draws (bernoulli_), and everything else, each as a share of the step.
 - paired ratios: the step time of each method over MAE's, measured in one process that holds every
-  method's model and runs one step of each in turn, then the matmul (--steps rounds after the
-  warm-up): the median of the per-round ratios. With --compile that process also holds an eager twin of each compiled
+  method's model and runs the matmul, then one step of each method, in turn (--steps rounds after
+  the warm-up): the median of the per-round ratios. With --compile that process also holds an eager twin of each compiled
   model, which gives each method's compiled time over its eager time the same way. The
   machine's speed drifts by ±20 % over minutes; a ratio of two medians taken minutes apart in
   separate processes carries that drift, a per-round ratio does not.
@@ -185,7 +185,7 @@ def measure_config(shape: str, method: str, batch: int, steps: int, compiled: bo
 
 
 def measure_paired(shape: str, methods: list[str], batch: int, rounds: int, compiled: bool) -> dict:
-    """Every model in this process, one step of each in turn, and the 2048 × 2048 matmul after them
+    """Every model in this process: the 2048 × 2048 matmul, then one step of each model, in turn
     (`rounds` rounds after the warm-up).
 
     over_mae: per method, the median of its per-round time over MAE's (when MAE is measured).
@@ -195,8 +195,8 @@ def measure_paired(shape: str, methods: list[str], batch: int, rounds: int, comp
     twin; per method, the median of compiled over eager.
     """
     modes = ("compiled", "eager") if compiled else ("eager",)
-    a, b = torch.randn(MATMUL_N, MATMUL_N), torch.randn(MATMUL_N, MATMUL_N)
-    steps = {("matmul", "eager"): lambda: a @ b}
+    left, right = torch.randn(MATMUL_N, MATMUL_N), torch.randn(MATMUL_N, MATMUL_N)
+    steps = {("matmul", "eager"): lambda: left @ right}
     for method in methods:
         for mode in modes:
             torch.manual_seed(0)

@@ -9,6 +9,7 @@ set adds hidden tokens next to visible ones).
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Union
@@ -154,7 +155,7 @@ def spec_from_dict(d: dict[str, Any]) -> Spec:
         return ImageTextSpec(image=spec_from_dict({"kind": "image", **d["image"]}),
                              text=spec_from_dict({"kind": "tokens", **d["text"]}))
     for key, value in d.items():
-        whole = isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer()
+        whole = isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value).is_integer()
         if not whole or value < 1:
             raise ValueError(f"input.{key} is {value!r}; expected a positive whole number")
     return cls(**{k: int(v) for k, v in d.items()})

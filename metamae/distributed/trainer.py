@@ -150,7 +150,9 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     optimizer = make_optimizer(model, cfg)
     if state["optimizer"] is not None:
         restore_optimizer(optimizer, state["optimizer"])
-    step, best = state["step"], best_probe_so_far(out_dir, run, state["best_probe"])
+    step, best = state["step"], state["best_probe"]
+    if rank == 0:                                             # the rank that probes
+        best = best_probe_so_far(out_dir, run, best)
     resumed_from = step
 
     writer = SummaryWriter(str(out_dir / "tensorboard")) if rank == 0 else None
@@ -231,16 +233,19 @@ def restore(checkpoint: Optional[Checkpoint], model: MetaMAE, run: RunConfig) ->
 
 def best_probe_so_far(out_dir: Path, run: RunConfig, restored: Optional[float]) -> Optional[float]:
     """The online probe a new best must beat: the restored checkpoint's best, or the run folder's
-    best/ copy's where a probe after that checkpoint improved it before a failure."""
+    best/ copy's where a probe after that checkpoint improved it before a failure. A best/ of another
+    dataset, model or objective, or one that cannot be read, does not count: this run's first
+    probe replaces it."""
     path = out_dir / BEST / FILENAME
     if not path.is_file():
         return restored
-    saved = load_checkpoint(path)
     try:
+        saved = load_checkpoint(path)
         check_same_run(saved["config"], run, str(path))
-    except ValueError:
-        return restored                                   # an earlier run's: this one's first probe replaces it
-    return max(v for v in (restored, saved["best_probe"]) if v is not None)
+    except (ValueError, KeyError):
+        return restored
+    values = [v for v in (restored, saved.get("best_probe")) if v is not None]
+    return max(values) if values else None
 
 
 def worker_batches(data, run: RunConfig, rank: int, world: int, step: int) -> Iterator[object]:
