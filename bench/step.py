@@ -20,9 +20,9 @@ loss = model(x).total, backward, optimizer step.
   and their GFLOP/s, dropout's mask draws (bernoulli_), and everything else, each as a share of the step.
 - paired ratios: the step time of each method over MAE's, measured in one process that holds every
   method's model and runs the matmul, then one step of each method, in turn (--steps rounds after
-  the warm-up): the median of the per-round ratios. With --compile that process also holds an eager twin of each compiled
-  model, which gives each method's compiled time over its eager time the same way. The
-  machine's speed drifts by ±20 % over minutes; a ratio of two medians taken minutes apart in
+  the warm-up): the median of the per-round ratios. With --compile that process also holds an
+  eager twin of each compiled model, which gives each method's compiled time over its eager time
+  the same way. The machine's speed drifts by ±20 % over minutes; a ratio of two medians taken minutes apart in
   separate processes carries that drift, a per-round ratio does not.
 - memory: each configuration runs in its own subprocess (this script re-invoked with --config).
   peak_rss_mb is that process's VmHWM (peak resident set, from /proc/self/status) after the
@@ -67,6 +67,7 @@ from metamae.model import MetaMAE, ModelConfig, ObjectiveConfig  # noqa: E402
 from metamae.train import compile_loss, keep_freed_memory, make_optimizer  # noqa: E402
 
 THREADS, WARMUP, MATMUL_N, CONTENDED, PROFILED_STEPS = 2, 3, 2048, 0.05, 3
+MATMUL_GFLOP = 2 * MATMUL_N ** 3 / 1e9
 MATRIX_PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::mkldnn_convolution",
                    "aten::convolution_backward", "aten::_scaled_dot_product_flash_attention_for_cpu",
                    "aten::_scaled_dot_product_flash_attention_for_cpu_backward"}
@@ -127,7 +128,7 @@ def timed(fn, steps: int) -> dict:
 def matmul_baseline(steps: int) -> dict:
     a, b = torch.randn(MATMUL_N, MATMUL_N), torch.randn(MATMUL_N, MATMUL_N)
     stats = timed(lambda: a @ b, max(steps, 10))
-    stats["gflop_per_s"] = 2 * MATMUL_N ** 3 / 1e9 / (stats["ms_median"] / 1e3)
+    stats["gflop_per_s"] = MATMUL_GFLOP / (stats["ms_median"] / 1e3)
     return stats
 
 
@@ -236,8 +237,7 @@ def ratios(shape: str, results: dict, args: argparse.Namespace) -> dict:
     """Paired times: each method's GFLOP/s as a fraction of the matmul's; per method over MAE's,
     beside the FLOP ratio (if MAE was measured); compiled over eager (--compile)."""
     paired = in_subprocess("--paired", f"{shape}:{','.join(results)}", args)
-    matmul_gflop = 2 * MATMUL_N ** 3 / 1e9
-    report = {"fraction_of_matmul_paired": {m: results[m]["gflop"] / matmul_gflop * time_ratio
+    report = {"fraction_of_matmul_paired": {m: results[m]["gflop"] / MATMUL_GFLOP * time_ratio
                                             for m, time_ratio in paired["matmul_over"].items()}}
     report |= {f"{m}_over_mae": {"time_paired": time_ratio,
                                  "time_of_medians": results[m]["ms_median"] / results["mae"]["ms_median"],

@@ -139,7 +139,7 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], runs_dir: str) -> No
     checkpoints, TensorBoard events and results, found again by a rerun of the trial after a failure
     or a resumed sweep."""
     context = tune.get_context()
-    if "://" in runs_dir:     # checkpoints to the bucket; TensorBoard events stay beside the trial
+    if in_bucket(runs_dir):   # checkpoints to the bucket; TensorBoard events stay beside the trial
         out_dir, storage = Path(context.get_trial_dir()) / context.get_trial_id(), runs_dir
     else:
         out_dir, storage = Path(runs_dir) / context.get_trial_id(), None
@@ -222,7 +222,7 @@ BASE = "trial_base.json"         # in a study's Tune folder: the config its tria
 
 def base_file(experiment: str) -> tuple[pyarrow.fs.FileSystem, str]:
     """The filesystem (local, or a bucket's) and path of a study's trial_base.json."""
-    filesystem, folder = pyarrow.fs.FileSystem.from_uri(experiment if "://" in experiment else
+    filesystem, folder = pyarrow.fs.FileSystem.from_uri(experiment if in_bucket(experiment) else
                                                         str(Path(experiment).resolve()))
     return filesystem, f"{folder}/{BASE}"
 
@@ -253,9 +253,14 @@ def check_same_base(experiment: str, base: dict[str, Any]) -> None:
                            "another sweep (sweep.name)")
 
 
+def in_bucket(folder: str) -> bool:
+    """A pyarrow URI (s3://..., gs://...) rather than a local folder."""
+    return "://" in folder
+
+
 def sweep_folder(sweep: SweepConfig, datasets: list[str]) -> str:
     name = sweep.name or "+".join(datasets)
-    return os.path.join(sweep.dir, name) if "://" in sweep.dir else str(Path(sweep.dir, name).resolve())
+    return os.path.join(sweep.dir, name) if in_bucket(sweep.dir) else str(Path(sweep.dir, name).resolve())
 
 
 def check_new_studies(datasets: list[str], sweep_dir: str, storage: str) -> None:
@@ -272,7 +277,7 @@ def check_new_studies(datasets: list[str], sweep_dir: str, storage: str) -> None
 
 def optuna_storage(sweep: SweepConfig, sweep_dir: str) -> str:
     """sweep.storage, or SWEEP_DIR/optuna.db; a SQLite database that does not exist yet is created whole."""
-    if not sweep.storage and "://" in sweep_dir:
+    if not sweep.storage and in_bucket(sweep_dir):
         raise ValueError(f"sweep.dir is {sweep.dir}: set sweep.storage to an Optuna RDB URL "
                          f"(postgresql://..., or sqlite:///a/local/file.db)")
     storage = sweep.storage or f"sqlite:///{Path(sweep_dir, 'optuna.db')}"
@@ -384,7 +389,7 @@ def main(job: DictConfig) -> None:
         lines.append(summary(cfg.dataset.name, results, METRICS[cfg.dataset.metric], baseline_note(cfg, base)))
     print("\n".join(["", *lines, f"sweep folder: {sweep_dir}",
                      f"optuna-dashboard {storage}    tensorboard --logdir {sweep_dir}"]), flush=True)
-    if "://" not in sweep_dir:
+    if not in_bucket(sweep_dir):
         print(f"report: {write_report(sweep_dir, storage)}", flush=True)
 
 
@@ -392,7 +397,7 @@ def register_sweep() -> None:
     register()
     ConfigStore.instance().store(name="sweep_schema", node=SweepJobConfig)
     # Hydra's own log folder (configs/sweep.yaml): in a local sweep folder, else in this folder
-    OmegaConf.register_new_resolver("local_or_here", lambda folder: "." if "://" in folder else folder,
+    OmegaConf.register_new_resolver("local_or_here", lambda folder: "." if in_bucket(folder) else folder,
                                     replace=True)
 
 
