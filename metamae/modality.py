@@ -216,6 +216,7 @@ def nearby_2d(visible: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 class Tokenizer(nn.Module):
     """The modality-specific ends of the model. N = num_tokens."""
     num_tokens: int
+    neighbours: int                                           # the most tokens nearby() adds per visible one
 
     def embed(self, x: Batch) -> torch.Tensor:                # -> B × N × D
         raise NotImplementedError
@@ -247,6 +248,7 @@ def _xavier_patch_init(proj: nn.Module) -> None:
 
 class Patches1d(Tokenizer):
     """B × C × L -> B × (L/p) × D with a strided Conv1d; targets flatten a patch as j·C + c."""
+    neighbours = 2
 
     def __init__(self, channels: int, length: int, patch: int, enc_width: int, dec_width: int):
         super().__init__()
@@ -280,6 +282,7 @@ class Patches1d(Tokenizer):
 
 class Patches2d(Tokenizer):
     """B × C × H × W -> B × (H/p · W/p) × D, row-major; targets flatten a patch as (i·p + j)·C + c."""
+    neighbours = 4
 
     def __init__(self, channels: int, height: int, width: int, patch: int, enc_width: int, dec_width: int):
         super().__init__()
@@ -315,6 +318,7 @@ class Patches2d(Tokenizer):
 
 class Tokens(Tokenizer):
     """B × L integer tokens -> B × L × D by an embedding table; logits tied to that table."""
+    neighbours = 2
 
     def __init__(self, vocab: int, length: int, enc_width: int, dec_width: int):
         super().__init__()
@@ -356,6 +360,7 @@ class ImageText(Tokenizer):
         super().__init__()
         self.image, self.text = image, text
         self.num_tokens = image.num_tokens + text.num_tokens
+        self.neighbours = max(image.neighbours, text.neighbours)
 
     def init_weights(self) -> None:
         self.image.init_weights()

@@ -124,11 +124,19 @@ class Attention(nn.Module):
         self.proj = nn.Linear(width, width)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, twice_differentiable: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, twice_differentiable: bool = False,
+                rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x B × T × W -> B × T × W; with rows (B × R indices into T), only those tokens attend: B × R × W."""
         B, T, W = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
-        o = attention(q, k, v, twice_differentiable)                             # B × H × T × hd
-        return self.drop(self.proj(o.transpose(1, 2).reshape(B, T, W)))
+        H, hd = self.heads, W // self.heads
+        if rows is None:
+            q, k, v = self.qkv(x).view(B, T, 3, H, hd).permute(2, 0, 3, 1, 4)   # B × H × T × hd each
+        else:
+            w_q, w_kv = self.qkv.weight.split([W, 2 * W])
+            q = F.linear(gather_rows(x, rows), w_q).view(B, -1, H, hd).transpose(1, 2)   # B × H × R × hd
+            k, v = F.linear(x, w_kv).view(B, T, 2, H, hd).permute(2, 0, 3, 1, 4)         # B × H × T × hd
+        o = attention(q, k, v, twice_differentiable)                             # B × H × R × hd
+        return self.drop(self.proj(o.transpose(1, 2).reshape(B, -1, W)))
 
 
 class MLP(nn.Module):
@@ -148,9 +156,17 @@ class Block(nn.Module):
         self.attn = Attention(width, heads, dropout)
         self.mlp = MLP(width, int(width * mlp_ratio), dropout)
 
-    def forward(self, x: torch.Tensor, twice_differentiable: bool = False) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), twice_differentiable)
+    def forward(self, x: torch.Tensor, twice_differentiable: bool = False,
+                rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x B × T × W -> B × T × W; with rows (B × R indices into T), only those tokens' outputs, B × R × W."""
+        attended = self.attn(self.norm1(x), twice_differentiable, rows)
+        x = (x if rows is None else gather_rows(x, rows)) + attended
         return x + self.mlp(self.norm2(x))
+
+
+def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x B × T × W, rows B × R indices into T -> B × R × W."""
+    return torch.gather(x, 1, rows[:, :, None].expand(-1, -1, x.shape[-1]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,6 +242,16 @@ def support_set(mask: torch.Tensor, nearby: torch.Tensor, uniforms: torch.Tensor
     mask B × N (1 = hidden), nearby B × N bool, uniforms B × N in [0, 1) -> support B × N in {0, 1}.
     """
     return mask * nearby * (uniforms < ratio) + (1 - mask)
+
+
+def weighted_rows(weight: torch.Tensor, most: int) -> Optional[torch.Tensor]:
+    """The tokens a weighted loss reads, for `most` at least any example's count of weights > 0.
+
+    weight B × N -> B × most indices into N, those of weight > 0 first; None when most >= N.
+    """
+    if most >= weight.shape[1]:
+        return None
+    return torch.argsort(weight, dim=1, descending=True, stable=True)[:, :most]
 
 
 def weighted_mean(token_loss: torch.Tensor, weight: torch.Tensor, group: BatchGroup = ONE_PROCESS) -> torch.Tensor:
@@ -351,17 +377,29 @@ class MetaMAE(nn.Module):
 
     # ---- decoder -------------------------------------------------------------------------------
 
-    def decode(self, z: torch.Tensor, restore: torch.Tensor, twice_differentiable: bool = False) -> Batch:
-        """z B × (1+K) × D -> predictions for all N tokens, in their original order."""
+    def decode(self, z: torch.Tensor, restore: torch.Tensor, twice_differentiable: bool = False,
+               rows: Optional[torch.Tensor] = None) -> Batch:
+        """z B × (1+K) × D -> predictions for all N tokens, in their original order.
+
+        rows (B × R token indices): the only tokens whose predictions the caller reads. The last
+        block then computes just those (their keys and values still come from every token), and
+        every other token's prediction is the head's output for a zero vector: weigh them 0.
+        """
         h = self.dec_embed(z)                                                  # B × (1+K) × D'
         B, K1, Dd = h.shape
         N = restore.shape[1]
         h_tokens = torch.cat([h[:, 1:], self.mask_token.expand(B, N + 1 - K1, Dd)], dim=1)   # B × N × D'
-        h_tokens = torch.gather(h_tokens, 1, restore[:, :, None].expand(-1, -1, Dd))       # un-shuffle
+        h_tokens = gather_rows(h_tokens, restore)                              # un-shuffle
         h = torch.cat([h[:, :1], h_tokens], dim=1) + self.dec_pos              # B × (1+N) × D'
-        for block in self.decoder:
+        for block in self.decoder[:-1]:
             h = block(h, twice_differentiable)
-        return self.tokenizer.reconstruct(self.dec_norm(h)[:, 1:])
+        if rows is None:
+            h = self.dec_norm(self.decoder[-1](h, twice_differentiable))      # B × (1+N) × D'
+        else:
+            at = (1 + rows)[:, :, None].expand(-1, -1, Dd)                     # B × R × D', past cls
+            h_rows = self.dec_norm(self.decoder[-1](h, twice_differentiable, 1 + rows))   # B × R × D'
+            h = h.new_zeros(B, 1 + N, Dd).scatter(1, at, h_rows)               # B × (1+N) × D'
+        return self.tokenizer.reconstruct(h[:, 1:])
 
     # ---- the meta-learning step ----------------------------------------------------------------
 
@@ -370,11 +408,19 @@ class MetaMAE(nn.Module):
 
         Returns z* and ℓ_s(z) before the first step. Second order keeps ∇_z in the graph, so the
         outer gradient flows through it; first order treats it as a constant.
+
+        The decoder's last block computes only the support tokens' rows: as many as the batch's
+        largest support set (PAMAP2, K = 9: about 14 of 64), or under torch.compile, which keeps
+        shapes static, as many as a support set can hold, K·(1 + neighbours) (27).
         """
         second_order = not self.objective.first_order
+        most = (z.shape[1] - 1) * (1 + self.tokenizer.neighbours)             # K visible + their neighbours
+        if not torch.compiler.is_compiling():
+            most = min(most, int(support.sum(1).max()))                        # this batch's (a host sync)
+        rows = weighted_rows(support, most)                                    # B × R, or None (R = N)
 
         def scaled_support_loss(z):
-            pred = self.decode(z, restore, twice_differentiable=second_order)
+            pred = self.decode(z, restore, twice_differentiable=second_order, rows=rows)
             support_loss = weighted_mean(self.tokenizer.token_loss(pred, target), support, self.group)
             # b · size · (Σ_b s ℓ) / (Σ_B s) = B · R: its gradient at this process's z is the global one
             return support_loss * z.shape[0], support_loss

@@ -5,9 +5,9 @@ import re
 import pytest
 import torch
 
-from metamae.model import ModelConfig, random_masking, support_set
+from metamae.model import ModelConfig, random_masking, support_set, weighted_rows
 from metamae.modality import nearby_1d, nearby_2d
-from tests.conftest import random_batch, tiny_model
+from tests.conftest import SPECS, random_batch, tiny_model
 from tests.published_reference import RefMetaMAE
 
 # Our parameter names -> the published code's.
@@ -59,8 +59,9 @@ def draws(model, batch: int, seed: int):
 
 @pytest.mark.parametrize("kind", ["timeseries", "tabular", "tokens", "image"])
 @pytest.mark.parametrize("first_order", [False, True])
-def test_metamae_matches_published_code_draw_for_draw(kind, first_order):
-    model = tiny_model(kind, mask_ratio=0.6, inner_lr=0.5, contrastive_weight=1.0, first_order=first_order)
+@pytest.mark.parametrize("mask_ratio", [0.6, 0.85])        # 0.85: the inner step prunes the last block
+def test_metamae_matches_published_code_draw_for_draw(kind, first_order, mask_ratio):
+    model = tiny_model(kind, mask_ratio=mask_ratio, inner_lr=0.5, contrastive_weight=1.0, first_order=first_order)
     ref = reference_of(model)
     x = random_batch(model.spec, 6, torch.Generator().manual_seed(1), torch.float64)
     u0, u1 = draws(model, 6, seed=2)
@@ -85,6 +86,24 @@ def test_mae_matches_published_code(kind):
     x = random_batch(model.spec, 4, torch.Generator().manual_seed(3), torch.float64)
     u0, _ = draws(model, 4, seed=4)
     torch.testing.assert_close(model(x, masking_noise=u0).total, ref.mae_loss(x, u0), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", sorted(SPECS))
+def test_the_pruned_last_block_predicts_the_support_tokens_as_the_whole_decoder_does(kind):
+    model = tiny_model(kind, mask_ratio=0.85)
+    x = random_batch(model.spec, 6, torch.Generator().manual_seed(5), torch.float64)
+    u0, _ = draws(model, 6, seed=6)
+    z, mask, restore = model.encode(x, u0)
+    nearby = model.tokenizer.nearby(mask == 0)
+    support = support_set(mask, nearby, torch.zeros_like(mask), ratio=1.0)   # the largest support set
+    bound = (z.shape[1] - 1) * (1 + model.tokenizer.neighbours)
+    rows = weighted_rows(support, bound)
+    assert rows is not None and rows.shape == (6, bound)
+    assert torch.equal(torch.zeros_like(support).scatter(1, rows, 1.0) * support, support)   # all rows read
+    target = model.tokenizer.targets(x)
+    whole, pruned = (model.tokenizer.token_loss(model.decode(z, restore, rows=r), target) * support
+                     for r in (None, rows))
+    torch.testing.assert_close(pruned, whole, rtol=1e-12, atol=1e-14)
 
 
 def test_the_loss_evaluates_under_no_grad_as_with_grad():
