@@ -396,9 +396,9 @@ class MetaMAE(nn.Module):
         if rows is None:
             h = self.dec_norm(self.decoder[-1](h, twice_differentiable))      # B × (1+N) × D'
         else:
-            at = (1 + rows)[:, :, None].expand(-1, -1, Dd)                     # B × R × D', past cls
-            h_rows = self.dec_norm(self.decoder[-1](h, twice_differentiable, 1 + rows))   # B × R × D'
-            h = h.new_zeros(B, 1 + N, Dd).scatter(1, at, h_rows)               # B × (1+N) × D'
+            rows = 1 + rows                                                    # past cls
+            h_rows = self.dec_norm(self.decoder[-1](h, twice_differentiable, rows))       # B × R × D'
+            h = h.new_zeros(B, 1 + N, Dd).scatter(1, rows[:, :, None].expand(-1, -1, Dd), h_rows)
         return self.tokenizer.reconstruct(h[:, 1:])
 
     # ---- the meta-learning step ----------------------------------------------------------------
@@ -410,14 +410,14 @@ class MetaMAE(nn.Module):
         outer gradient flows through it; first order treats it as a constant.
 
         The decoder's last block computes only the support tokens' rows: as many as the batch's
-        largest support set (PAMAP2, K = 9: about 14 of 64), or under torch.compile, which keeps
+        largest support set (PAMAP2, K = 9: 12-17 of 64), or under torch.compile, which keeps
         shapes static, as many as a support set can hold, K·(1 + neighbours) (27).
         """
         second_order = not self.objective.first_order
         most = (z.shape[1] - 1) * (1 + self.tokenizer.neighbours)             # K visible + their neighbours
         if not torch.compiler.is_compiling():
             most = min(most, int(support.sum(1).max()))                        # this batch's (a host sync)
-        rows = weighted_rows(support, most)                                    # B × R, or None (R = N)
+        rows = weighted_rows(support, most)                                    # B × most, or None (all N)
 
         def scaled_support_loss(z):
             pred = self.decode(z, restore, twice_differentiable=second_order, rows=rows)
