@@ -109,9 +109,10 @@ CPU_FUSED_ATTENTION_MIN_TOKENS = 128
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, twice_differentiable: bool) -> torch.Tensor:
-    """softmax(q kᵀ / √d) v over B × H × T × d. The fused kernel has no double backward, which the
-    inner step needs through the decoder, and loses to the spelled-out product on short CPU sequences."""
-    if twice_differentiable or (q.device.type == "cpu" and q.shape[-2] < CPU_FUSED_ATTENTION_MIN_TOKENS):
+    """softmax(q kᵀ / √d) v: queries B × H × R × d over keys and values B × H × T × d. The fused kernel
+    has no double backward, which the inner step needs through the decoder, and loses to the
+    spelled-out product on short CPU sequences."""
+    if twice_differentiable or (q.device.type == "cpu" and k.shape[-2] < CPU_FUSED_ATTENTION_MIN_TOKENS):
         return ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(dim=-1) @ v
     return F.scaled_dot_product_attention(q, k, v)
 
@@ -126,13 +127,14 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, twice_differentiable: bool = False,
                 rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x B × T × W -> B × T × W; with rows (B × R indices into T), only those tokens attend: B × R × W."""
+        """x B × T × W -> B × T × W; with rows (B × R indices into T), only those tokens query (keys and
+        values from all T): B × R × W."""
         B, T, W = x.shape
         H, hd = self.heads, W // self.heads
         if rows is None:
             q, k, v = self.qkv(x).view(B, T, 3, H, hd).permute(2, 0, 3, 1, 4)   # B × H × T × hd each
         else:
-            w_q, w_kv = self.qkv.weight.split([W, 2 * W])
+            w_q, w_kv = self.qkv.weight.split([W, 2 * W])                     # qkv has no bias
             q = F.linear(gather_rows(x, rows), w_q).view(B, -1, H, hd).transpose(1, 2)   # B × H × R × hd
             k, v = F.linear(x, w_kv).view(B, T, 2, H, hd).permute(2, 0, 3, 1, 4)         # B × H × T × hd
         o = attention(q, k, v, twice_differentiable)                             # B × H × R × hd
@@ -158,7 +160,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, twice_differentiable: bool = False,
                 rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x B × T × W -> B × T × W; with rows (B × R indices into T), only those tokens' outputs, B × R × W."""
+        """x B × T × W -> B × T × W; with rows (B × R indices into T), only those tokens' outputs:
+        B × R × W."""
         attended = self.attn(self.norm1(x), twice_differentiable, rows)
         x = (x if rows is None else gather_rows(x, rows)) + attended
         return x + self.mlp(self.norm2(x))
@@ -396,9 +399,9 @@ class MetaMAE(nn.Module):
         if rows is None:
             h = self.dec_norm(self.decoder[-1](h, twice_differentiable))      # B × (1+N) × D'
         else:
-            rows = 1 + rows                                                    # past cls
-            h_rows = self.dec_norm(self.decoder[-1](h, twice_differentiable, rows))       # B × R × D'
-            h = h.new_zeros(B, 1 + N, Dd).scatter(1, rows[:, :, None].expand(-1, -1, Dd), h_rows)
+            at = 1 + rows                                                      # into h's rows, cls first
+            h_rows = self.dec_norm(self.decoder[-1](h, twice_differentiable, at))        # B × R × D'
+            h = h_rows.new_zeros(B, 1 + N, Dd).scatter(1, at[:, :, None].expand(-1, -1, Dd), h_rows)
         return self.tokenizer.reconstruct(h[:, 1:])
 
     # ---- the meta-learning step ----------------------------------------------------------------

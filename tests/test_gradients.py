@@ -23,13 +23,13 @@ def loss_of(model, names, x, u0, u1):
     return f
 
 
-@pytest.mark.parametrize("kind,mask_ratio", [("timeseries", 0.5), ("image", 0.5), ("tokens", 0.5),
-                                             ("timeseries", 0.85), ("image", 0.8)])   # the last two: a pruned last block
-def test_second_order_meta_gradient_matches_finite_differences(kind, mask_ratio):
-    model = tiny_model(kind, mask_ratio=mask_ratio, inner_lr=0.3, learn_inner_lr=True, contrastive_weight=0.5)
+@pytest.mark.parametrize("kind", ["timeseries", "image", "tokens"])
+def test_second_order_meta_gradient_matches_finite_differences(kind):
+    model = tiny_model(kind, mask_ratio=0.5, inner_lr=0.3, learn_inner_lr=True, contrastive_weight=0.5)
     x = random_batch(model.spec, 4, torch.Generator().manual_seed(0), torch.float64)
     u0, u1 = fixed_draws(model, 4)
-    u1 = u1 * 0.2                                               # a support set with hidden tokens in it
+    u1 = u1 * 0.2                              # a support set with hidden tokens in it (6 of 8, 13 of 16,
+                                               # 8 of 10 at most: the inner step's last block is pruned)
     names = ["encoder.0.attn.proj.weight", "encoder.1.mlp.fc2.bias", "cls_token",
              "decoder.0.attn.qkv.weight", "decoder.0.mlp.fc1.bias", "dec_embed.bias",
              "tokenizer.head.bias", "inner_lr"]
@@ -78,7 +78,7 @@ def test_compiled_meta_gradients_equal_the_eager_ones(first_order):
     """Under torch.compile the inner gradient goes through torch.func; first order still drops its
     graph. aot_eager traces what inductor would compile, without building C++ (test_train.py
     compiles with inductor). A batch of another size, drawing its own masks, compiles again."""
-    settings = dict(first_order=first_order, contrastive_weight=1.0, mask_ratio=0.85)   # a pruned last block
+    settings = dict(first_order=first_order, contrastive_weight=1.0, mask_ratio=0.85)   # a pruned block compiled
     eager, compiled = tiny_model("timeseries", **settings), tiny_model("timeseries", **settings)
     compile_loss(compiled, backend="aot_eager")
     x = random_batch(eager.spec, 6, torch.Generator().manual_seed(0), torch.float64)

@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from metamae.model import ModelConfig, random_masking, support_set, weighted_rows
+from metamae.model import ModelConfig, random_masking, support_set, weighted_mean, weighted_rows
 from metamae.modality import nearby_1d, nearby_2d
 from tests.conftest import SPECS, random_batch, tiny_model
 from tests.published_reference import RefMetaMAE
@@ -59,7 +59,7 @@ def draws(model, batch: int, seed: int):
 
 @pytest.mark.parametrize("kind", ["timeseries", "tabular", "tokens", "image"])
 @pytest.mark.parametrize("first_order", [False, True])
-@pytest.mark.parametrize("mask_ratio", [0.6, 0.85])        # 0.85: the inner step prunes the last block
+@pytest.mark.parametrize("mask_ratio", [0.6, 0.85])        # the inner step prunes its last block, more at 0.85
 def test_metamae_matches_published_code_draw_for_draw(kind, first_order, mask_ratio):
     model = tiny_model(kind, mask_ratio=mask_ratio, inner_lr=0.5, contrastive_weight=1.0, first_order=first_order)
     ref = reference_of(model)
@@ -89,21 +89,33 @@ def test_mae_matches_published_code(kind):
 
 
 @pytest.mark.parametrize("kind", sorted(SPECS))
-def test_the_pruned_last_block_predicts_the_support_tokens_as_the_whole_decoder_does(kind):
+def test_a_pruned_last_block_gives_the_whole_decoders_support_loss_and_second_order_gradients(kind):
     model = tiny_model(kind, mask_ratio=0.85)
     x = random_batch(model.spec, 6, torch.Generator().manual_seed(5), torch.float64)
     u0, _ = draws(model, 6, seed=6)
     z, mask, restore = model.encode(x, u0)
-    nearby = model.tokenizer.nearby(mask == 0)
-    support = support_set(mask, nearby, torch.zeros_like(mask), ratio=1.0)   # the largest support set
+    support = support_set(mask, model.tokenizer.nearby(mask == 0), torch.zeros_like(mask), ratio=1.0)  # largest
     bound = (z.shape[1] - 1) * (1 + model.tokenizer.neighbours)
     rows = weighted_rows(support, bound)
     assert rows is not None and rows.shape == (6, bound)
     assert torch.equal(torch.zeros_like(support).scatter(1, rows, 1.0) * support, support)   # all rows read
-    target = model.tokenizer.targets(x)
-    whole, pruned = (model.tokenizer.token_loss(model.decode(z, restore, rows=r), target) * support
-                     for r in (None, rows))
-    torch.testing.assert_close(pruned, whole, rtol=1e-12, atol=1e-14)
+    target, weight = model.tokenizer.targets(x), model.decoder[0].mlp.fc1.weight
+    results = []
+    for r in (None, rows):
+        pred = model.decode(z, restore, twice_differentiable=True, rows=r)
+        loss = weighted_mean(model.tokenizer.token_loss(pred, target), support)
+        grad_z, = torch.autograd.grad(loss, z, create_graph=True)
+        grad_weight, = torch.autograd.grad((grad_z * grad_z).sum(), weight)        # through ∇_z
+        results.append((loss, grad_z, grad_weight))
+    for whole, pruned in zip(*results):
+        torch.testing.assert_close(pruned, whole, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", sorted(SPECS))
+def test_a_visible_token_has_at_most_neighbours_hidden_tokens_nearby(kind):
+    tokenizer = tiny_model(kind).tokenizer
+    one_visible = torch.eye(tokenizer.num_tokens, dtype=torch.bool)         # row i: only token i visible
+    assert (tokenizer.nearby(one_visible).sum(1) - 1).max() <= tokenizer.neighbours
 
 
 def test_the_loss_evaluates_under_no_grad_as_with_grad():
