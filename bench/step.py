@@ -22,8 +22,8 @@ loss = model(x).total, backward, optimizer step.
   method's model and runs the matmul, then one step of each method, in turn (--steps rounds after
   the warm-up): the median of the per-round ratios. With --compile that process also holds an
   eager twin of each compiled model, which gives each method's compiled time over its eager time
-  the same way. The machine's speed drifts by ±20 % over minutes; a ratio of two medians taken minutes apart in
-  separate processes carries that drift, a per-round ratio does not.
+  the same way. The machine's speed drifts by ±20 % over minutes; a ratio of two medians taken
+  minutes apart in separate processes carries that drift, a per-round ratio does not.
 - memory: each configuration runs in its own subprocess (this script re-invoked with --config).
   peak_rss_mb is that process's VmHWM (peak resident set, from /proc/self/status) after the
   timed steps; setup_rss_mb is its VmRSS once the model, optimizer and batch exist; step_extra_mb
