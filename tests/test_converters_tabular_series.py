@@ -5,20 +5,20 @@ import shutil
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from metamae.data.converters import genomics, higgs, pamap2
-from metamae.data.shards import check_shards, iter_examples, open_dataset
+from metamae.data.shards import check_shards, decode_table, iter_examples, open_dataset
 from metamae.modality import TabularSpec, TimeSeriesSpec, TokenSpec
 
 
 def read_split(folder, manifest, split):
-    """-> (x, y, ids) of a whole split, in file order."""
-    xs, ys = zip(*iter_examples(folder, manifest, split, batch_size=4096))
-    ids = np.concatenate([pq.read_table(folder / s.file, columns=["id"])["id"].to_numpy()
-                          for s in manifest.splits[split]])
-    return np.concatenate(xs), np.concatenate(ys), ids
+    """-> (x, y, ids) of a whole split, in file order, as stored (not standardised)."""
+    table = pa.concat_tables([pq.read_table(folder / s.file) for s in manifest.splits[split]])
+    x, y = decode_table(table, manifest.columns())
+    return x, y, table["id"].to_numpy()
 
 
 def dabs_split(n):
@@ -106,13 +106,22 @@ def test_pamap2_held_out_subjects_only_in_test(pamap2_data):
     assert not set(train_ids // pamap2.ID_BASE) & {105, 106}
 
 
-def test_pamap2_normalization_is_the_train_split_statistics(pamap2_data):
+def test_pamap2_is_read_standardised_with_the_train_split_statistics(pamap2_data):
     manifest = open_dataset(pamap2_data)
     x, _, _ = read_split(pamap2_data, manifest, "train")
     norm = manifest.normalization
+    assert (norm["axis"], norm["split"]) == ("channel", "train")
     np.testing.assert_allclose(norm["mean"], x.astype(np.float64).mean(axis=(0, 2)), rtol=1e-9)
     np.testing.assert_allclose(norm["std"], x.astype(np.float64).std(axis=(0, 2)), rtol=1e-9)
     assert manifest.converter["activities"] == [1, 2, 3, 4, 5, 6, 7, 12, 13, 16, 17, 24]
+    read, _ = next(iter_examples(pamap2_data, manifest, "train", batch_size=4096))      # as every reader reads it
+    assert read.dtype == np.float32
+    np.testing.assert_allclose(read.mean(axis=(0, 2)), 0, atol=1e-4)
+    np.testing.assert_allclose(read.std(axis=(0, 2)), 1, rtol=1e-4)
+    test, _, _ = read_split(pamap2_data, manifest, "test")
+    read, _ = next(iter_examples(pamap2_data, manifest, "test", batch_size=4096))
+    mean, std = (np.array(norm[k])[:, None] for k in ("mean", "std"))
+    np.testing.assert_allclose(read, (test - mean) / std, rtol=1e-4, atol=1e-4)
 
 
 def test_pamap2_interpolation_matches_pandas_inside_and_fills_the_lead_in(tmp_path):

@@ -1,9 +1,12 @@
 """The embedded digits, the synthetic generators, and loading a dataset from its config."""
+import hydra
 import numpy as np
 import pytest
+from omegaconf.errors import InterpolationResolutionError
 
-from metamae.config import DatasetConfig
+from metamae.config import CONFIG_DIR, DatasetConfig, register, to_object
 from metamae.data import load_dataset
+from metamae.data.converters import custom
 from metamae.data.arrays import ArrayDataset, Split, batches, endless_batches
 from metamae.data.digits import digits
 from metamae.data.synthetic import synthetic
@@ -85,3 +88,18 @@ def test_digits_with_another_input_kind_is_a_clear_error():
                           num_classes=10, metric="accuracy")
     with pytest.raises(ValueError, match="source=digits is 1 × 8 × 8 images of 10 classes, not tabular"):
         load_dataset(table)
+
+
+def test_a_custom_dataset_names_its_runs_after_its_manifest(tmp_path):
+    """configs/dataset/custom.yaml reads the name `prepare custom --name` wrote, before anything loads:
+    the run folder (runs/${dataset.name}/...) is named with it."""
+    x = np.random.default_rng(0).standard_normal((40, 4))
+    custom.convert_arrays(x, np.arange(40) % 2, "tabular", tmp_path / "mine", name="my_data")
+    register()
+    with hydra.initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        cfg = hydra.compose("pretrain", overrides=["dataset=custom", f"dataset.path={tmp_path / 'mine'}"])
+        missing = hydra.compose("pretrain", overrides=["dataset=custom", f"dataset.path={tmp_path / 'none'}"])
+    assert cfg.dataset.name == "my_data" and cfg.out_dir.startswith("runs/my_data/")
+    assert to_object(cfg).dataset.name == "my_data"
+    with pytest.raises(InterpolationResolutionError, match=r"none holds no manifest\.json.*prepare custom .*--name"):
+        missing.dataset.name

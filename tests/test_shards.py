@@ -1,5 +1,6 @@
 """The shard format: round trips, crash-safe writing, and a clear error for every bad shard."""
 import json
+import re
 import subprocess
 import sys
 
@@ -7,12 +8,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from metamae.config import METRICS
 from metamae.data.converters import custom
-from metamae.data.shards import (MANIFEST, Manifest, ShardDataset, ShardError, ShardWriter, check_shards,
+from metamae.data.prepare import main as prepare_main
+from metamae.data.shards import (MANIFEST, Manifest, Moments, ShardDataset, ShardError, ShardWriter, check_shards,
                                  iter_examples, open_dataset, sha256_of)
 from metamae.data.synthetic import synthetic
+from metamae.modality import TabularSpec
 from tests.conftest import SPECS
 
 
@@ -233,3 +237,136 @@ def test_custom_labels_follow_the_metric(tmp_path):
         custom.convert_arrays(x, np.arange(30) % 2, "tabular", tmp_path / "typo", metric="acuracy")
     with pytest.raises(ValueError, match="both train_idx and test_idx"):
         custom.convert_arrays(x, np.arange(30) % 2, "tabular", tmp_path / "half", train_idx=np.arange(20))
+
+
+# --------------------------------------------------------------------------------------------
+# Standardised inputs
+# --------------------------------------------------------------------------------------------
+
+def test_every_float_input_is_read_standardised_per_channel(tmp_path, kind):
+    """Channels (a table's features) on scales 1, 10, 100, ... read back with mean 0 and std 1; token
+    ids, and the text of image+text, are read as stored."""
+    data = synthetic(SPECS[kind], num_classes=3, train=100, test=30)
+    if kind == "tokens":
+        with pytest.raises(ValueError, match="token ids, which are never standardised"):
+            Moments(data.spec)
+        return
+    axis = 2 if kind == "tabular" else 1                                 # the channels' axis in a batch
+    image = lambda x: x[0] if isinstance(x, tuple) else x
+    channels = image(data.train.x).shape[axis]
+    scale = lambda part: np.moveaxis(np.moveaxis(part, axis, -1) * 10.0 ** np.arange(channels) + 50, -1, axis)
+    inputs = lambda x: (scale(x[0]), x[1]) if isinstance(x, tuple) else scale(x)
+    moments = Moments(data.spec)
+    moments.add(image(inputs(data.train.x)))
+    writer = ShardWriter(tmp_path, data.name, data.spec, 3, "accuracy", progress=False)
+    writer.add("train", inputs(data.train.x), data.train.y)
+    writer.add("test", inputs(data.test.x), data.test.y)
+    manifest = writer.finish(normalization=moments.normalization())
+    x, _ = next(iter_examples(tmp_path, manifest, "train", batch_size=100))
+    others = tuple(a for a in range(image(x).ndim) if a != axis)
+    assert image(x).dtype == np.float32
+    np.testing.assert_allclose(image(x).mean(axis=others), 0, atol=1e-5)
+    np.testing.assert_allclose(image(x).std(axis=others), 1, rtol=1e-4)
+    if kind == "image_text":
+        assert np.array_equal(x[1], data.train.x[1])
+
+
+def wild_table(n=300):
+    """n × 3 features on wildly different scales: N(0, 1), N(0, 1) · 1e4 + 500 and a constant 7."""
+    x = np.random.default_rng(0).standard_normal((n, 3))
+    x[:, 1] = x[:, 1] * 1e4 + 500
+    x[:, 2] = 7
+    return x.astype(np.float32), np.arange(n) % 2
+
+
+def split_of(folder, split):
+    """(inputs as ShardDataset reads them, ids) of a split in file order."""
+    x = np.concatenate([x.numpy() for x, _ in ShardDataset(folder).stream(split, 64)])
+    ids = np.concatenate([pq.read_table(folder / s.file, columns=["id"])["id"].to_numpy()
+                          for s in Manifest.load(folder).splits[split]])
+    return x, ids
+
+
+def test_custom_inputs_are_read_standardised_with_the_train_splits_statistics(tmp_path):
+    x, y = wild_table()
+    np.savez(tmp_path / "wild.npz", X=x, y=y)
+    prepare_main(["custom", "--npz", str(tmp_path / "wild.npz"), "--modality", "tabular", "--out",
+                  str(tmp_path / "wild")])
+    manifest = Manifest.load(tmp_path / "wild")
+    train, train_ids = split_of(tmp_path / "wild", "train")
+    norm = manifest.normalization
+    assert manifest.converter["standardize"] is True and (norm["axis"], norm["split"]) == ("channel", "train")
+    np.testing.assert_allclose(norm["mean"], x[train_ids].astype(np.float64).mean(axis=0), rtol=1e-9)
+    np.testing.assert_allclose(norm["std"], x[train_ids].astype(np.float64).std(axis=0), rtol=1e-9)
+    assert train.dtype == np.float32 and train.shape == (240, 1, 3)
+    np.testing.assert_allclose(train[:, 0].mean(axis=0), 0, atol=1e-5)
+    np.testing.assert_allclose(train[:, 0, :2].std(axis=0), 1, rtol=1e-4)
+    assert np.all(train[:, 0, 2] == 0)                                   # a constant feature: centred, not divided
+    test, test_ids = split_of(tmp_path / "wild", "test")
+    std = np.where(np.array(norm["std"]) > 0, norm["std"], 1)
+    np.testing.assert_allclose(test[:, 0], (x[test_ids] - np.array(norm["mean"])) / std, atol=1e-4)
+    assert np.abs(test[:, 0, :2].mean(axis=0)).min() > 1e-3             # the train split's statistics, not its own
+    prepare_main(["verify", "--out", str(tmp_path / "wild")])           # the stored values, unscaled, pass
+
+
+def test_no_standardize_reads_the_inputs_as_given(tmp_path):
+    x, y = wild_table()
+    np.savez(tmp_path / "wild.npz", X=x, y=y)
+    prepare_main(["custom", "--npz", str(tmp_path / "wild.npz"), "--modality", "tabular", "--no-standardize",
+                  "--out", str(tmp_path / "raw")])
+    manifest = Manifest.load(tmp_path / "raw")
+    assert manifest.normalization is None and manifest.converter["standardize"] is False
+    train, ids = split_of(tmp_path / "raw", "train")
+    assert np.array_equal(train[:, 0], x[ids])
+
+
+def test_a_table_of_n_by_f_and_a_csv_are_read_back_as_1_by_f(tmp_path):
+    x, y = wild_table(100)
+    np.savez(tmp_path / "table.npz", X=x, y=y)
+    prepare_main(["custom", "--npz", str(tmp_path / "table.npz"), "--modality", "tabular", "--name", "table",
+                  "--out", str(tmp_path / "npz")])
+    rows = "".join(f"{a!r},{b!r},{c!r},{label}\n" for (a, b, c), label in zip(x.tolist(), y))
+    (tmp_path / "table.csv").write_text("f0,f1,f2,label\n" + rows)
+    prepare_main(["custom", "--csv", str(tmp_path / "table.csv"), "--out", str(tmp_path / "csv")])
+    for folder in ("npz", "csv"):
+        data = ShardDataset(tmp_path / folder)
+        assert data.spec == TabularSpec(features=3)
+        batch, labels = next(data.stream("train", 16))
+        assert batch.shape == (16, 1, 3) and batch.dtype == torch.float32 and labels.shape == (16,)
+    assert (Manifest.load(tmp_path / "npz").name, Manifest.load(tmp_path / "csv").name) == ("table", "custom")
+    (npz, npz_ids), (csv, csv_ids) = split_of(tmp_path / "npz", "train"), split_of(tmp_path / "csv", "train")
+    assert np.array_equal(npz_ids, csv_ids) and np.array_equal(npz, csv)
+
+
+def test_variable_length_sequences_padded_into_x_are_refused(tmp_path):
+    x, lengths = np.zeros((20, 2, 50), np.float32), np.arange(20) + 30
+    np.savez(tmp_path / "padded.npz", X=x, y=np.arange(20) % 2, lengths=lengths)
+    (tmp_path / "npy").mkdir()
+    for name, values in (("X", x), ("y", np.arange(20) % 2), ("lengths", lengths)):
+        np.save(tmp_path / "npy" / f"{name}.npy", values)
+    for source in (["--npz", str(tmp_path / "padded.npz")], ["--npy-dir", str(tmp_path / "npy")]):
+        with pytest.raises(SystemExit, match=r"has `lengths` beside X.*length 50.*padding would be read as data.*"
+                                             r"Crop or resample.*drop `lengths`"):
+            prepare_main(["custom", *source, "--modality", "timeseries", "--out", str(tmp_path / "out")])
+        assert not (tmp_path / "out" / MANIFEST).exists()
+
+
+def test_a_name_that_is_not_a_safe_folder_name_is_refused(tmp_path):
+    np.savez(tmp_path / "t.npz", X=np.zeros((20, 3), np.float32), y=np.arange(20) % 2)
+    for name in ("my data", "a/b", "../up", ".hidden", ""):
+        with pytest.raises(SystemExit, match=rf"--name '{re.escape(name)}' cannot name the dataset.*letters, digits"):
+            prepare_main(["custom", "--npz", str(tmp_path / "t.npz"), "--modality", "tabular", "--name", name,
+                          "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_normalization_that_does_not_fit_the_inputs_is_refused(prepared):
+    manifest = json.loads((prepared / MANIFEST).read_text())          # 7 features
+    manifest["normalization"] = {"mean": [0.0] * 6, "std": [1.0] * 6, "axis": "channel", "split": "train"}
+    (prepared / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match=r"manifest\.json: normalization holds 6 means .* 7 channels; prepare"):
+        Manifest.load(prepared)
+    manifest["normalization"] = {"mean": [0.0] * 7, "std": [1.0] * 7}                 # no axis, no split
+    (prepared / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match=r"normalization holds \['mean', 'std'\]; expected the keys"):
+        open_dataset(prepared)

@@ -8,7 +8,8 @@ import ray
 import torch
 from ray import cloudpickle, tune
 
-from metamae.data.shards import ShardError, ShardWriter
+from metamae.data.converters import custom
+from metamae.data.shards import ShardDataset, ShardError, ShardWriter
 from metamae.data.synthetic import synthetic
 from metamae.distributed.stream import RayShardDataset, StreamConfig
 from tests.conftest import SPECS
@@ -58,6 +59,22 @@ def test_a_corrupt_shard_is_refused_before_streaming_starts(local_ray, tmp_path)
     victim.write_bytes(victim.read_bytes()[:100])
     with pytest.raises(ShardError, match=victim.name):
         RayShardDataset(tmp_path)
+
+
+def test_ray_data_reads_inputs_standardised_as_the_local_reader_does(local_ray, tmp_path):
+    """Features on wildly different scales read back with the train split's mean 0 and std 1, and
+    the test split with the train split's statistics, through both readers."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 3)) * [1, 1e4, 0.01] + [0, 500, -3]
+    custom.convert_arrays(x, np.arange(300) % 2, "tabular", tmp_path, name="wild")
+    ray_data, local = RayShardDataset(tmp_path, StreamConfig(cpu_limit=1)), ShardDataset(tmp_path)
+    read = lambda dataset, split: np.concatenate([x.numpy()[:, 0] for x, _ in dataset.stream(split, 64)])
+    train = read(ray_data, "train")
+    np.testing.assert_allclose(train.mean(axis=0), 0, atol=1e-5)
+    np.testing.assert_allclose(train.std(axis=0), 1, rtol=1e-4)
+    for split in ("train", "test"):               # the same rows, maybe in another order
+        np.testing.assert_array_equal(np.sort(read(ray_data, split), axis=0), np.sort(read(local, split), axis=0))
+    assert np.abs(read(ray_data, "test").mean(axis=0)).min() > 1e-3
 
 
 def stream_in_a_trial(config):

@@ -31,7 +31,8 @@ def load_dataset(cfg: DatasetConfig, seed: int = 0) -> tuple[Dataset, DatasetCon
 def prepare_command(name: str, folder: Path) -> str:
     """The command that writes dataset `name`'s shards to `folder`."""
     if name == "custom":
-        return f"python -m metamae.data.prepare custom (--npz FILE | --csv FILE | --npy-dir DIR) --out {folder}"
+        return (f"python -m metamae.data.prepare custom (--npz FILE | --csv FILE | --npy-dir DIR) --name NAME "
+                f"--out {folder}")
     if name == "genomics_ood":                              # written by genomics' converter, into out/ood
         return f"python -m metamae.data.prepare genomics --raw RAW_DIR --out {folder.parent}"
     return f"python -m metamae.data.prepare {name} --raw RAW_DIR --out {folder}"

@@ -2,12 +2,17 @@
 
     python -m metamae.data.prepare DATASET --raw DIR --out DIR [--download] [--overwrite] [--verify]
     python -m metamae.data.prepare custom (--npz FILE | --csv FILE | --npy-dir DIR)
-        --modality timeseries|tabular|tokens|image [--patch P] [--vocab V] --out DIR
+        --modality timeseries|tabular|tokens|image [--patch P] [--vocab V] [--name NAME]
+        [--no-standardize] --out DIR
     python -m metamae.data.prepare verify --out DIR
 
 A folder that already holds a complete dataset is kept (pass --overwrite to convert again); one that
 holds an unfinished conversion is cleared first. --verify re-reads every shard against the manifest:
 row counts, SHA-256, schema and shapes, label ranges, finite inputs and token ids inside the vocabulary.
+
+custom stores float inputs as given, with each channel's mean and std over the train split, which
+every reader standardises with (--no-standardize: none, the inputs are read as given). --name names
+the dataset: `dataset=custom dataset.path=DIR` runs and sweeps go under it.
 """
 from __future__ import annotations
 
@@ -39,7 +44,9 @@ def parse(argv=None) -> argparse.Namespace:
     own.add_argument("--modality", choices=custom.MODALITIES)
     own.add_argument("--patch", type=int)
     own.add_argument("--vocab", type=int)
-    own.add_argument("--name", default="custom")
+    own.add_argument("--name", default="custom", help="the dataset's name: runs/NAME, sweeps/.../NAME")
+    own.add_argument("--no-standardize", dest="standardize", action="store_false",
+                     help="store no per-channel statistics: inputs are read as given")
     own.add_argument("--metric", default="accuracy")
     own.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
@@ -59,7 +66,8 @@ def prepare_custom(args: argparse.Namespace, shard_bytes: int) -> Manifest:
     return custom.convert_arrays(arrays["X"], arrays["y"], modality, args.out, name=args.name, patch=args.patch,
                                  vocab=args.vocab, train_idx=arrays.get("train_idx"),
                                  test_idx=arrays.get("test_idx"), metric=args.metric, seed=args.seed,
-                                 source=str(sources[0]), shard_bytes=shard_bytes, overwrite=args.overwrite)
+                                 source=str(sources[0]), standardize=args.standardize, shard_bytes=shard_bytes,
+                                 overwrite=args.overwrite)
 
 
 def main(argv=None) -> None:

@@ -2,10 +2,22 @@
 
 A dataset is a folder of Parquet files plus `manifest.json`: the dataset's name, modality spec (the
 dataclasses the model uses), label kind, metric, splits with each shard's rows, bytes and SHA-256,
-the converter's parameters and the format version. One row is one example: `id`, the input (`x`;
-`x_image` and `x_text` for image+text) and the label `y`. A tensor is stored as one binary value per
-row holding its bytes in C order, and decoded with numpy.frombuffer: 3 × faster to read here than a
-fixed-size list or Arrow's tensor extension type (bench/encoding.py; numbers in the README).
+the converter's parameters, the input normalisation and the format version. One row is one example:
+`id`, the input (`x`; `x_image` and `x_text` for image+text) and the label `y`. A tensor is stored as
+one binary value per row holding its bytes in C order, and decoded with numpy.frombuffer: 3 × faster
+to read here than a fixed-size list or Arrow's tensor extension type (bench/encoding.py; numbers in
+the README).
+
+Shards hold inputs as the converter wrote them. The manifest's `normalization`, when not null, is
+
+    {"mean": [...], "std": [...], "axis": "channel", "split": "train"}
+
+one mean and standard deviation per channel of the float input (a time series' or an image's
+channels; a table's features; the image of image+text) over the `split` split, and every reader
+(`decode_table`: the local reader here and Ray Data's in metamae.distributed.stream) standardises
+with it: (x - mean) / std, in float32, a constant channel (std 0) centred and left unscaled. Token ids
+are never standardised. A converter that follows a published normalisation writes the data that way
+and leaves `normalization` null.
 
 The writer names each shard `*.parquet.tmp` until it is complete, renames it, and writes the
 manifest last, so a crash mid-conversion never leaves a folder that looks complete. A folder with no
@@ -159,6 +171,43 @@ class Manifest:
     def columns(self) -> list[Column]:
         return input_columns(self.spec) + [label_column(self.label, self.num_classes, self.spec)]
 
+    def normalization_problem(self) -> Optional[str]:
+        """What makes `normalization` unusable for this dataset's inputs, or None."""
+        if self.normalization is None:
+            return None
+        part = float_part(self.spec)
+        if part is None:
+            return f"{self.spec.kind} inputs are token ids, which are never standardised: normalization must be null"
+        keys = sorted(self.normalization) if isinstance(self.normalization, dict) else self.normalization
+        if keys != sorted(NORMALIZATION_KEYS):
+            return f"normalization holds {keys}; expected the keys {NORMALIZATION_KEYS}"
+        if self.normalization["axis"] != "channel" or self.normalization["split"] not in self.splits:
+            return (f"normalization has axis {self.normalization['axis']!r} and split "
+                    f"{self.normalization['split']!r}; expected axis 'channel' and one of {sorted(self.splits)}")
+        channels = part.shape[channel_axis(part)]
+        try:
+            mean, std = (np.asarray(self.normalization[k], np.float64) for k in ("mean", "std"))
+        except (TypeError, ValueError):
+            return "normalization's mean and std are not lists of numbers"
+        if mean.shape != (channels,) or std.shape != (channels,):
+            return (f"normalization holds {mean.size} means and {std.size} standard deviations; the "
+                    f"{part.kind} input has {channels} channels")
+        if not (np.isfinite(mean).all() and np.isfinite(std).all() and (std >= 0).all()):
+            return "normalization holds a NaN, an infinite value or a negative standard deviation"
+        return None
+
+    def standardization(self) -> Optional[tuple[np.ndarray, np.ndarray]]:
+        """(mean, std) as float32, shaped to broadcast over a batch of the float input (C × 1 for a
+        time series, C × 1 × 1 for images, 1 × F for a table), std 0 replaced by 1; None: no
+        normalization, the inputs are read as stored."""
+        if self.normalization is None:
+            return None
+        part = float_part(self.spec)
+        shape = [1] * len(part.shape)
+        shape[channel_axis(part)] = -1
+        mean, std = (np.asarray(self.normalization[k], np.float32).reshape(shape) for k in ("mean", "std"))
+        return mean, np.where(std > 0, std, np.float32(1))
+
     def rows(self, split: str) -> int:
         return sum(s.rows for s in self.splits[split])
 
@@ -174,9 +223,13 @@ class Manifest:
                 raise ShardError(f"{path} has format version {raw.get('format_version')}, this library reads "
                                  f"{FORMAT_VERSION}: prepare the dataset again")
             raw["splits"] = {k: [ShardInfo(**s) for s in v] for k, v in raw["splits"].items()}
-            return cls(**raw)
+            manifest = cls(**raw)
         except (json.JSONDecodeError, TypeError, KeyError) as error:
             raise ShardError(f"{path} is not a valid manifest ({error}): prepare the dataset again") from error
+        problem = manifest.normalization_problem()
+        if problem:
+            raise ShardError(f"{path}: {problem}; prepare the dataset again")
+        return manifest
 
     def save(self, folder: Path) -> None:
         with atomic_file(Path(folder) / MANIFEST, "w") as f:
@@ -189,6 +242,62 @@ def sha256_of(path: Path) -> str:
         for chunk in iter(lambda: f.read(2**20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Normalisation: per-channel statistics of the training split, applied when read
+# --------------------------------------------------------------------------------------------
+
+NORMALIZATION_KEYS = ("mean", "std", "axis", "split")
+
+
+def float_part(spec: Spec) -> Optional[Spec]:
+    """The input part that a normalisation standardises: the first (the image of image+text), or
+    None when it holds token ids."""
+    part = spec_parts(spec)[0]
+    return None if part.kind == "tokens" else part
+
+
+def channel_axis(part: Spec) -> int:
+    """The axis of one example that holds its channels: a table's features (axis 1 of its 1 × F),
+    otherwise axis 0 (C × L, C × H × W)."""
+    return 1 if part.kind == "tabular" else 0
+
+
+class Moments:
+    """Per-channel mean and standard deviation of the float inputs added, merged batch by batch in
+    float64; a channel whose values are all equal gets std 0 exactly."""
+
+    def __init__(self, spec: Spec):
+        part = float_part(spec)
+        if part is None:
+            raise ValueError(f"{spec.kind} inputs are token ids, which are never standardised")
+        self.axis = channel_axis(part) + 1                # of a batch
+        channels = part.shape[channel_axis(part)]
+        self.count = 0
+        self.mean, self.m2 = np.zeros(channels), np.zeros(channels)     # m2: squared deviations summed
+        self.low, self.high = np.full(channels, np.inf), np.full(channels, -np.inf)
+
+    def add(self, x: np.ndarray) -> None:
+        """A batch of the float input (N × shape of one example)."""
+        values = np.moveaxis(np.asarray(x, np.float64), self.axis, 0).reshape(len(self.mean), -1)
+        n = values.shape[1]
+        if n == 0:
+            return
+        mean = values.mean(axis=1)
+        m2 = ((values - mean[:, None]) ** 2).sum(axis=1)
+        delta, total = mean - self.mean, self.count + n
+        self.mean += delta * n / total
+        self.m2 += m2 + delta ** 2 * self.count * n / total
+        self.count = total
+        self.low, self.high = np.minimum(self.low, values.min(axis=1)), np.maximum(self.high, values.max(axis=1))
+
+    def normalization(self, split: str = "train") -> dict[str, Any]:
+        """The manifest's `normalization` for these statistics of split `split`."""
+        if self.count == 0:
+            raise ValueError(f"no {split} examples to compute the per-channel mean and std of")
+        std = np.where(self.low == self.high, 0.0, np.sqrt(self.m2 / self.count))
+        return {"mean": self.mean.tolist(), "std": std.tolist(), "axis": "channel", "split": split}
 
 
 # --------------------------------------------------------------------------------------------
@@ -284,9 +393,14 @@ class ShardWriter:
         self._bar.set_postfix(shards=sum(len(s) for s in self.manifest.splits.values()))
 
     def finish(self, normalization: Optional[dict[str, Any]] = None) -> Manifest:
+        """Close every shard and write the manifest, with `normalization` (see the module docstring;
+        `Moments.normalization()` computes it) or none."""
         for split in list(self._open):
             self._close(split)
         self.manifest.normalization = normalization
+        problem = self.manifest.normalization_problem()
+        if problem:
+            raise ShardError(f"the normalization given for {self.folder}: {problem}")
         self.manifest.save(self.folder)
         self._bar.close()
         return self.manifest
@@ -362,9 +476,14 @@ def open_dataset(folder: Path) -> Manifest:
 # A plain local reader (no Ray): for tests, single-process runs and the linear probe
 # --------------------------------------------------------------------------------------------
 
-def decode_table(table: pa.Table, columns: list[Column]):
-    """Arrow rows -> (x, y) numpy: x an array, or (image, text) for image+text."""
+def decode_table(table: pa.Table, columns: list[Column],
+                 standardization: Optional[tuple[np.ndarray, np.ndarray]] = None):
+    """Arrow rows -> (x, y) numpy: x an array, or (image, text) for image+text; the float input
+    standardised with `standardization`, the (mean, std) of `Manifest.standardization()`, if given."""
     arrays = [c.decode(table[c.name]) for c in columns]
+    if standardization is not None:
+        mean, std = standardization
+        arrays[0] = (arrays[0] - mean) / std
     inputs, labels = arrays[:-1], arrays[-1]
     return (tuple(inputs) if len(inputs) == 2 else inputs[0]), labels
 
@@ -376,18 +495,18 @@ def iter_examples(folder: Path, manifest: Manifest, split: str, batch_size: int,
     With a seed: shards in a seeded random order, and rows drawn from a local shuffle buffer: once it
     holds `shuffle_buffer` rows they are shuffled together and drawn down to half, then it refills
     (each row is copied a few times, not once per batch). Without: file order. The last partial
-    batch is yielded too.
+    batch is yielded too. Inputs are standardised with the manifest's normalization, if it has one.
     """
     rng = np.random.default_rng(seed) if seed is not None else None
     shards = manifest.splits[split]
     order = rng.permutation(len(shards)) if rng is not None else range(len(shards))
-    columns, keep = manifest.columns(), shuffle_buffer // 2
+    columns, standardization, keep = manifest.columns(), manifest.standardization(), shuffle_buffer // 2
     pool: list[tuple[Any, np.ndarray]] = []
     rows = 0
     for i in order:
         reader = pq.ParquetFile(Path(folder) / shards[i].file)
         for record_batch in reader.iter_batches(batch_size=batch_size):
-            pool.append(decode_table(pa.Table.from_batches([record_batch]), columns))
+            pool.append(decode_table(pa.Table.from_batches([record_batch]), columns, standardization))
             rows += record_batch.num_rows
             if rows >= max(shuffle_buffer, batch_size):
                 x, y = _gather(pool, rng)

@@ -37,9 +37,11 @@ class StreamConfig:
     readers: Optional[int] = None     # read tasks at once (None: Ray Data decides)
 
 
-def decode_batch(table: pa.Table, columns: list[Column]) -> dict[str, np.ndarray]:
-    """Arrow rows -> {'x': ..., 'y': ...} (or x_image, x_text, y) numpy arrays, one call per block."""
-    x, y = decode_table(table, columns)
+def decode_batch(table: pa.Table, columns: list[Column],
+                 standardization: Optional[tuple[np.ndarray, np.ndarray]] = None) -> dict[str, np.ndarray]:
+    """Arrow rows -> {'x': ..., 'y': ...} (or x_image, x_text, y) numpy arrays, one call per block,
+    standardised as the local reader does (shards.decode_table)."""
+    x, y = decode_table(table, columns, standardization)
     if isinstance(x, tuple):
         return {"x_image": x[0], "x_text": x[1], "y": y}
     return {"x": x, "y": y}
@@ -59,8 +61,8 @@ def read_split(folder: Path, split: str, cfg: StreamConfig = StreamConfig(), see
     paths = [str(folder / shard.file) for shard in manifest.splits[split]]
     shuffle = ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=True) if seed is not None else None
     dataset = ray.data.read_parquet(paths, shuffle=shuffle, num_cpus=cfg.task_cpus, concurrency=cfg.readers)
-    return dataset.map_batches(partial(decode_batch, columns=manifest.columns()), batch_format="pyarrow",
-                               zero_copy_batch=True, num_cpus=cfg.task_cpus)
+    decode = partial(decode_batch, columns=manifest.columns(), standardization=manifest.standardization())
+    return dataset.map_batches(decode, batch_format="pyarrow", zero_copy_batch=True, num_cpus=cfg.task_cpus)
 
 
 def torch_batches(dataset, cfg: StreamConfig, seed: Optional[int] = None,

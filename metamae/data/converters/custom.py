@@ -1,12 +1,21 @@
 """Your own arrays as shards: X and y from a .npz, a CSV table or a folder of .npy files.
 
 X is N × C × L (time series), N × F (table), N × L integer tokens, or N × C × H × W (images and
-spectrograms). y holds what --metric scores: class indices (accuracy, binary_accuracy, weighted_f1),
-N × labels of 0/1 (auroc), or real targets (spearman, pearson). `train_idx` and `test_idx` pick the
-split; otherwise a seeded 80/20 split is made, stratified by class for class labels.
+spectrograms), every example the same shape: sequences of different lengths padded to one (a
+`lengths` array beside X) are refused, as the padding would be read as data. y holds what --metric
+scores: class indices (accuracy, binary_accuracy, weighted_f1), N × labels of 0/1 (auroc), or real
+targets (spearman, pearson). `train_idx` and `test_idx` pick the split; otherwise a seeded 80/20
+split is made, stratified by class for class labels.
+
+Float inputs are stored as given, with each channel's (a table's: each feature's) mean and standard
+deviation over the train split as the manifest's `normalization`, which every reader standardises
+with; standardize=False (--no-standardize) stores none, and the inputs are read as given. The name
+names the dataset's runs and sweeps (configs/dataset/custom.yaml reads it from the manifest), so it
+must be a safe folder name.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -14,13 +23,15 @@ import numpy as np
 import pyarrow.csv as pacsv
 from sklearn.model_selection import train_test_split
 
-from metamae.data.shards import DEFAULT_SHARD_BYTES, Manifest, ShardWriter
+from metamae.data.shards import DEFAULT_SHARD_BYTES, Manifest, Moments, ShardWriter
 from metamae.modality import ImageSpec, Spec, TabularSpec, TimeSeriesSpec, TokenSpec
 
 MODALITIES = ("timeseries", "tabular", "tokens", "image")
 LABEL_KIND = {"accuracy": "class", "binary_accuracy": "class", "weighted_f1": "class", "auroc": "multilabel",
               "spearman": "float", "pearson": "float"}                  # what each metric scores
 TARGET_TOKENS = 64        # the default patch makes the token count closest to this
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")          # a folder (runs/NAME) and an Optuna study name
+STATISTICS_ROWS = 4096    # train examples per float64 batch of the per-channel statistics
 
 
 def default_patch(sizes: tuple[int, ...]) -> int:
@@ -80,25 +91,52 @@ def split_indices(y: np.ndarray, label: str, train_idx, test_idx, seed: int) -> 
                             stratify=y if label == "class" else None)
 
 
+def check_name(name: str) -> None:
+    """Raise for a name that cannot be a folder (runs/NAME) or an Optuna study's name."""
+    if not SAFE_NAME.fullmatch(name):
+        raise ValueError(f"--name {name!r} cannot name the dataset: its runs go to runs/NAME/ and its sweeps to "
+                         f"sweeps/.../NAME/; use letters, digits, '_', '-' and '.', starting with a letter or digit")
+
+
+def train_normalization(x: np.ndarray, spec: Spec) -> dict:
+    """The manifest's normalization: each channel's mean and std over the train examples x."""
+    moments = Moments(spec)
+    for lo in range(0, len(x), STATISTICS_ROWS):
+        moments.add(x[lo:lo + STATISTICS_ROWS])
+    return moments.normalization("train")
+
+
 def convert_arrays(x: np.ndarray, y: np.ndarray, modality: str, out: Path, *, name: str = "custom",
                    patch: Optional[int] = None, vocab: Optional[int] = None, train_idx=None, test_idx=None,
-                   metric: str = "accuracy", seed: int = 0, source: str = "arrays",
+                   metric: str = "accuracy", seed: int = 0, source: str = "arrays", standardize: bool = True,
                    shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False) -> Manifest:
+    check_name(name)
+    spec = spec_for(modality, x, patch, vocab)
+    x = x.astype(np.int64 if modality == "tokens" else np.float32)
     if modality == "tabular":
         x = x[:, None, :]                                              # N × F -> N × 1 × F
-    spec = spec_for(modality, x if modality != "tabular" else x[:, 0], patch, vocab)
-    x = x.astype(np.int64 if modality == "tokens" else np.float32)
     if len(x) != len(y):
         raise ValueError(f"X has {len(x)} examples and y has {len(y)}")
     y, label, num_classes = labels_for(y, metric)
     train, test = split_indices(y, label, train_idx, test_idx, seed)
+    standardize = standardize and modality != "tokens"
     writer = ShardWriter(out, name, spec, num_classes=num_classes, metric=metric, label=label,
                          converter={"source": source, "modality": modality, "seed": seed,
-                                    "split": "given" if train_idx is not None else "seeded 80/20"},
+                                    "split": "given" if train_idx is not None else "seeded 80/20",
+                                    "standardize": standardize},
                          shard_bytes=shard_bytes, overwrite=overwrite)
     writer.add("train", x[train], y[train], ids=train)
     writer.add("test", x[test], y[test], ids=test)
-    return writer.finish()
+    return writer.finish(normalization=train_normalization(x[train], spec) if standardize else None)
+
+
+def refuse_lengths(arrays: dict, where: Path) -> None:
+    """Raise for a `lengths` array: X then holds sequences of different lengths padded to one."""
+    if "lengths" in arrays:
+        raise ValueError(f"{where} has `lengths` beside X: sequences of different lengths padded to X's length "
+                         f"{np.shape(arrays['X'])[-1]}, and the padding would be read as data (reconstructed, "
+                         f"probed and standardised as real values). Crop or resample every sequence to one length "
+                         f"and save X without `lengths`; if X holds no padding, drop `lengths`")
 
 
 def read_npz(path: Path) -> dict:
@@ -106,13 +144,16 @@ def read_npz(path: Path) -> dict:
         missing = {"X", "y"} - set(arrays.files)
         if missing:
             raise ValueError(f"{path} has arrays {arrays.files}; it needs X and y (and may have train_idx, test_idx)")
-        return {k: arrays[k] for k in ("X", "y", "train_idx", "test_idx") if k in arrays.files}
+        found = {k: arrays[k] for k in ("X", "y", "train_idx", "test_idx", "lengths") if k in arrays.files}
+    refuse_lengths(found, path)
+    return found
 
 
 def read_npy_dir(folder: Path) -> dict:
     arrays = {p.stem: np.load(p) for p in Path(folder).glob("*.npy")}
     if not {"X", "y"} <= set(arrays):
         raise ValueError(f"{folder} needs X.npy and y.npy (and may have train_idx.npy, test_idx.npy)")
+    refuse_lengths(arrays, folder)
     return arrays
 
 

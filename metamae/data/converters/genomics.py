@@ -13,10 +13,10 @@ Raw format, either of:
   OOD), `seq` written `b'ACGT...'` (hence DABS's `seq[2:252]`).
 
 DABS preprocessing followed (alextamkin/dabs `src/datasets/genomics/genomics.py`, and
-alinlab/MetaMAE `data/token.py` with `data/utils.py`): bases A, C, G, T -> 0..3, any other base an
-error; labels the TFDS class index, minus 10 for the OOD genera (-> 0..59); each file shuffled with
-`df.sample(frac=1, random_state=42)` and split into its first ceil(0.9 n) rows (train) and the rest
-(DABS's val), as `higgs.dabs_train_mask` computes.
+alinlab/MetaMAE `data/token.py` with `data/utils.py`): bases A, C, G, T -> 0..3 (token ids, which
+no reader standardises), any other base an error; labels the TFDS class index, minus 10 for the OOD
+genera (-> 0..59); each file shuffled with `df.sample(frac=1, random_state=42)` and split into its
+first ceil(0.9 n) rows (train) and the rest (DABS's val), as `higgs.dabs_train_mask` computes.
 
 Output: `out` is the 10-class dataset: `train`/`test` from the pretraining file (DABS's
 GenomicsPretrain train/val), `transfer_train`/`transfer_test` from the in-distribution validation file

@@ -14,7 +14,9 @@ alinlab/MetaMAE `data/tabular.py` with `data/utils.py`):
   and the rest (DABS's val): pretraining 8,910,000 / 990,000, transfer 990,000 / 110,000;
 - features in the order of its CSV, which `tfds.as_dataframe` wrote with the feature names
   sorted (`FEATURE_ORDER`; the same sorting puts genomics' `label, seq` at columns 2-3, where
-  DABS's genomics code reads them), as float32, 1 × 28 (MetaMAE's `view(1, 28)`).
+  DABS's genomics code reads them), as float32, 1 × 28 (MetaMAE's `view(1, 28)`);
+- values as published, unscaled, as DABS and MetaMAE feed them (neither standardises): the
+  manifest's `normalization` is null, and readers leave the features as they are.
 
 Splits: `train`/`test` are the pretraining portion's train and val parts, `transfer_train`/
 `transfer_test` the transfer portion's (what DABS's linear evaluation trains and tests on). Rows keep
@@ -84,7 +86,8 @@ def _parameters(path: Path, n: int) -> dict:
                      f"the rest test (DABS: pandas df.sample(frac=1, random_state={SEED}), head/tail)",
             "splits": {"train": "pretraining train", "test": "pretraining val",
                        "transfer_train": "transfer train", "transfer_test": "transfer val"},
-            "feature_order": list(FEATURE_ORDER), "ids": "0-based line number in the file"}
+            "feature_order": list(FEATURE_ORDER), "ids": "0-based line number in the file",
+            "values": "as published, unscaled, as DABS and MetaMAE feed them (no standardisation)"}
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,8 +27,9 @@ epoch, from a random subject and activity, start uniform in the activity's rows)
 fixed set: windows at a fixed stride inside each contiguous run of one activity (a DABS window may
 straddle two runs of one activity); the classes keep their natural frequencies; and NaNs before a
 column's first value take that value (pandas leaves them NaN; they fall in the unlabelled lead-in).
-`x` holds the values as published, unscaled, as DABS feeds them; `normalization` holds each
-channel's mean and standard deviation over the training split, for a loader that standardizes.
+`x` holds the values as published, unscaled; `normalization` holds each channel's mean and standard
+deviation over the training split, and every reader of the shards standardises the channels with
+them (metamae.data.shards), where DABS feeds the model the unscaled values.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ import pyarrow as pa
 import pyarrow.csv as pv
 
 from metamae.data.download import Source, unpack
-from metamae.data.shards import DEFAULT_SHARD_BYTES, Manifest, ShardWriter
+from metamae.data.shards import DEFAULT_SHARD_BYTES, Manifest, Moments, ShardWriter
 from metamae.modality import TimeSeriesSpec
 
 URL = "https://archive.ics.uci.edu/ml/machine-learning-databases/00231/PAMAP2_Dataset.zip"
@@ -59,7 +60,7 @@ def convert(raw: Path, out: Path = Path("data/pamap2"), shard_bytes: int = DEFAU
     files = subject_files(Path(raw))
     writer = ShardWriter(out, "pamap2", SPEC, num_classes=len(ACTIVITIES), metric="accuracy",
                          converter=_parameters(), shard_bytes=shard_bytes, overwrite=overwrite)
-    moments = Moments(SPEC.channels)
+    moments = Moments(SPEC)
     for split, subjects in SUBJECTS.items():
         for subject in subjects:
             values, activity = read_subject(files[subject])
@@ -81,7 +82,8 @@ def _parameters() -> dict:
             "activities": list(ACTIVITIES), "subjects": {k: list(v) for k, v in SUBJECTS.items()},
             "window": SPEC.length, "strides": STRIDES, "windows": "inside contiguous runs of one activity",
             "ids": f"subject * {ID_BASE} + first row (0-based) in the subject's file",
-            "values": "as published, unscaled; normalization: per-channel mean/std over the train split"}
+            "values": "as published, unscaled; normalization: per-channel mean/std over the train split, "
+                      "applied when read"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,7 +138,7 @@ def interpolate(values: np.ndarray, path: Path) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-# Windows and statistics
+# Windows
 # --------------------------------------------------------------------------------------------
 
 def windows(values: np.ndarray, activity: np.ndarray, stride: int):
@@ -154,26 +156,3 @@ def windows(values: np.ndarray, activity: np.ndarray, stride: int):
     view = np.lib.stride_tricks.sliding_window_view(values.astype(np.float32), SPEC.length, axis=0)
     return view[starts], labels[starts], starts                                   # view: rows-L+1 × 52 × L
 
-
-class Moments:
-    """Per-channel mean and standard deviation of every value added, merged batch by batch."""
-
-    def __init__(self, channels: int):
-        self.count = 0
-        self.mean = np.zeros(channels)
-        self.m2 = np.zeros(channels)                      # sum of squared deviations from the mean
-
-    def add(self, x: np.ndarray) -> None:                 # x: W × C × L
-        values = x.astype(np.float64).transpose(1, 0, 2).reshape(x.shape[1], -1)      # C × W·L
-        n = values.shape[1]
-        if n == 0:
-            return
-        mean = values.mean(axis=1)
-        m2 = ((values - mean[:, None]) ** 2).sum(axis=1)
-        delta, total = mean - self.mean, self.count + n
-        self.mean += delta * n / total
-        self.m2 += m2 + delta ** 2 * self.count * n / total
-        self.count = total
-
-    def normalization(self) -> dict:
-        return {"mean": self.mean.tolist(), "std": np.sqrt(self.m2 / self.count).tolist()}

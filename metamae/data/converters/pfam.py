@@ -15,6 +15,7 @@ reads (alinlab/MetaMAE, data/token.py):
 - tokens: `record["primary"]` cut to 128 residues, then padded with "X" to 128, each letter mapped
   to its index in "XARNDCQEGHILKMFPSTWYVUOBZJ" (26 letters; X = 0 is also the padding token). A
   letter outside that string is an error, as in DABS (only the first 128 residues are checked).
+  Token ids: no reader standardises them.
 - order: every JSON file is shuffled as pandas `sample(frac=1, random_state=42)` does, which is
   `numpy.random.RandomState(42).permutation(n)`; rows are written in that order, and each row's
   `id` is the record's index in the publisher's file.
