@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ModelConfig(enc_width=64, enc_depth=4, enc_heads=4, dec_width=32, dec_depth=2, dec_heads=4)
 DIGITS = DatasetConfig(name="digits", input={"kind": "image", "channels": 1, "height": 8, "width": 8, "patch": 2},
                        num_classes=10, metric="accuracy", batch_size=64, source="digits")
-PROBE = ProbeConfig(epochs=10, lr=1e-3)
+PROBE = ProbeConfig()                  # the sweep's default: the converged probe
 
 
 def plain_optuna(trials: int, steps: int, folder: Path) -> None:
@@ -44,7 +44,7 @@ def plain_optuna(trials: int, steps: int, folder: Path) -> None:
                                         temperature=trial.suggest_float("temperature", 0.05, 1.0, log=True),
                                         mask_ratio=trial.suggest_float("mask_ratio", 0.3, 0.9))
         model = pretrain(RunConfig(DIGITS, TINY, objective_cfg, train), data, folder / str(trial.number), log=False)
-        return linear_probe(model, data, DIGITS, PROBE).test
+        return linear_probe(model, data, DIGITS, PROBE).validation
 
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
     study.optimize(objective, n_trials=trials)
@@ -64,8 +64,8 @@ def main() -> None:
         started = time.perf_counter()
         subprocess.run([sys.executable, "tune/sweep.py", f"sweep.dir={folder}", "sweep.name=ray",
                         f"sweep.num_samples={args.trials}", "sweep.max_concurrent_trials=1", "sweep.baseline=false",
-                        f"train.steps={args.steps}", f"train.log_every={args.steps}", f"sweep.grace_period={args.steps}",
-                        f"probe.epochs={PROBE.epochs}", f"probe.lr={PROBE.lr}"],
+                        f"train.steps={args.steps}", f"train.log_every={args.steps}",
+                        f"sweep.grace_period={args.steps}"],
                        cwd=ROOT, check=True, capture_output=True, text=True)
         sweep_s = time.perf_counter() - started
     print(json.dumps({"trials": args.trials, "steps_per_trial": args.steps, "plain_optuna_wall_s": plain_s,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -21,6 +21,7 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 METRICS = {"accuracy": "max", "binary_accuracy": "max", "weighted_f1": "max", "auroc": "max", "spearman": "max",
            "pearson": "max"}
 SOURCES = ("digits", "synthetic", "shards")
+PROBES = ("converged", "paper")
 
 
 @dataclass
@@ -34,7 +35,7 @@ class ObjectiveDefaults:
 @dataclass
 class DatasetConfig:
     """One dataset: its modality, labels, metric and where the examples come from."""
-    name: str = MISSING
+    name: str = MISSING                # runs/NAME, sweeps/.../NAME; custom.yaml: ${manifest_name:${.path}}
     # For source=shards, input, num_classes and metric come from the folder's manifest when left out.
     input: Optional[Dict[str, Any]] = None   # a modality spec, e.g. {kind: image, channels: 1, ...}
     num_classes: Optional[int] = None  # 0 for regression; number of labels for multi-label
@@ -44,6 +45,7 @@ class DatasetConfig:
     ignore_label: Optional[int] = None # a per-token label the probe leaves out (padding)
     pretrain_split: str = "train"
     probe_train_split: str = "train"   # DABS evaluates some datasets on a transfer portion
+    probe_validation_split: Optional[str] = None   # the probe's choices; None: carved from probe_train_split
     probe_test_split: str = "test"
     source: str = "shards"             # digits | synthetic | shards
     path: Optional[str] = None         # the shard folder, for source=shards; made absolute (Ray moves cwd)
@@ -94,7 +96,7 @@ class TrainerConfig:
     ray: bool = True                   # false: the plain one-process loop of metamae.train
     num_workers: int = 1               # data-parallel workers; each gets batch_size / num_workers
     use_gpu: bool = False
-    cpus_per_worker: float = 0.5       # leave CPUs to Ray Data's read tasks (ray-project/ray#29662)
+    cpus_per_worker: float = 0.5       # three one-worker sweep trials at once on 2 CPUs
     bf16: bool = False                 # bfloat16 autocast; GPUs only (not run on the CPU test machine)
     probe_every: int = 500             # the online probe every M steps (0: only at the end)
     probe_examples: int = 500          # examples the online probe fits on (and as many it scores)
@@ -112,14 +114,30 @@ class TrainerConfig:
 
 @dataclass
 class ProbeConfig:
-    """Linear evaluation: a linear head on the frozen encoder, Adam as in the paper."""
-    epochs: int = 100
+    """Linear evaluation (metamae.linear_eval), the same in pretrain, evaluate and the sweep.
+
+    converged (configs/probe/converged.yaml, the default): logistic regression (ridge for real
+    targets) on standardised features, fitted to convergence at each strength of `l2` and chosen on
+    the validation split. paper (configs/probe/paper.yaml): a linear head trained with Adam for
+    `epochs` epochs at `lr` and `weight_decay`, as in the paper.
+    """
+    method: str = "converged"          # converged | paper
+    l2: List[float] = field(default_factory=lambda: [1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0])
+    max_iter: int = 1000               # the converged probe's solver iterations
+    validation_fraction: float = 0.2   # of the probe's training split, where the dataset has no validation split
+    epochs: int = 100                  # the paper's probe: Adam, lr 1e-4, weight decay 1e-4, 100 epochs
     lr: float = 1e-4
     weight_decay: float = 1e-4
     batch_size: Optional[int] = None   # None: the dataset's batch size
-    seed: int = 0
+    seed: int = 0                      # the validation split and the paper probe's initialisation
 
     def __post_init__(self):
+        if self.method not in PROBES:
+            raise ValueError(f"probe.method is {self.method!r}; expected one of {list(PROBES)} (probe=paper)")
+        if not self.l2 or min(self.l2) <= 0 or self.max_iter < 1 or not 0 < self.validation_fraction < 1:
+            raise ValueError(f"probe.l2={list(self.l2)}, probe.max_iter={self.max_iter}, probe.validation_fraction="
+                             f"{self.validation_fraction}: expected L2 strengths > 0, max_iter >= 1 and "
+                             f"0 < validation_fraction < 1")
         if self.epochs < 1 or self.lr <= 0 or self.weight_decay < 0 or (self.batch_size is not None
                                                                          and self.batch_size < 1):
             raise ValueError(f"probe.epochs={self.epochs}, probe.lr={self.lr}, probe.weight_decay="
@@ -141,7 +159,7 @@ class ExperimentConfig:
 @dataclass
 class PretrainConfig(ExperimentConfig):
     out_dir: str = MISSING             # run folder: checkpoints, TensorBoard events, results
-    baselines: bool = False            # also pretrain MAE and probe a random-init encoder
+    baselines: bool = False            # also pretrain MAE and probe a random-init encoder and the raw inputs
 
 
 @dataclass
@@ -152,13 +170,31 @@ class EvaluateConfig:
     out_dir: str = MISSING
 
 
+def manifest_name(path: Optional[str]) -> str:
+    """The name in the manifest of the prepared folder `path`: the resolver ${manifest_name:PATH},
+    with which configs/dataset/custom.yaml names runs and sweeps after the dataset."""
+    from metamae.data.load import prepare_command          # metamae.data imports this module
+    from metamae.data.shards import MANIFEST, Manifest
+    if path is None:
+        raise ValueError(f"dataset.path is not set: point it at a folder prepared with "
+                         f"`{prepare_command('custom', Path('DIR'))}`")
+    folder = Path(path).expanduser()
+    if not (folder / MANIFEST).is_file():
+        raise FileNotFoundError(f"dataset.path={path} holds no {MANIFEST}, which names the dataset: prepare the "
+                                f"folder with `{prepare_command('custom', folder)}`, or point dataset.path at a "
+                                f"prepared folder")
+    return Manifest.load(folder).name
+
+
 def register() -> None:
+    OmegaConf.register_new_resolver("manifest_name", manifest_name, replace=True)
     store = ConfigStore.instance()
     store.store(name="pretrain_schema", node=PretrainConfig)
     store.store(name="evaluate_schema", node=EvaluateConfig)
     store.store(group="dataset", name="dataset_schema", node=DatasetConfig)
     store.store(group="model", name="model_schema", node=ModelConfig)
     store.store(group="train", name="train_schema", node=TrainConfig)
+    store.store(group="probe", name="probe_schema", node=ProbeConfig)
 
 
 def to_object(cfg: DictConfig):

@@ -1,4 +1,4 @@
-"""python -m metamae.evaluate checkpoint=PATH [dataset=digits] [probe.epochs=100]
+"""python -m metamae.evaluate checkpoint=PATH [dataset=digits] [probe=paper]
 
 Linear evaluation of a pretrained checkpoint (a checkpoint.pt or the run folder holding it).
 """
@@ -31,11 +31,12 @@ def run(cfg: EvaluateConfig) -> ProbeResult:
     model = model_from_checkpoint(checkpoint)
     result = linear_probe(model, data, cfg.dataset, cfg.probe)
     out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    result.save_predictions(out_dir / "test_predictions.npz")
     (out_dir / "evaluation.json").write_text(json.dumps(
-        {"checkpoint": str(cfg.checkpoint), "step": checkpoint["step"], **dataclasses.asdict(result)}, indent=2))
-    print(f"{cfg.dataset.name}: {result.metric} test {result.test:.4f} train {result.train:.4f} "
-          f"(checkpoint step {checkpoint['step']})")
+        {"checkpoint": str(cfg.checkpoint), "step": checkpoint["step"], **result.summary()}, indent=2))
+    print(f"{cfg.dataset.name}: {cfg.probe.method} linear probe, {result.metric} validation {result.validation:.4f} "
+          f"({result.splits['validation']}), test {result.test:.4f} ({result.splits['test']!r} split); "
+          f"checkpoint step {checkpoint['step']}")
     return result
 
 

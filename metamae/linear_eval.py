@@ -1,60 +1,269 @@
-"""Linear evaluation: a linear head trained on the frozen encoder's features.
+"""Linear evaluation: one probe on frozen features, for pretrain, evaluate, the sweep and its baselines.
 
-Features are the mean of the encoder's output tokens without cls (per token for per-token tasks),
-computed once with no masking. The head is trained with Adam (lr 1e-4, weight decay 1e-4, 100
-epochs by default, as in the paper) and scored with the dataset's metric by scikit-learn or scipy.
+    features    the frozen encoder's (the mean of its output tokens without cls; per token for
+                per-token tasks), or the raw inputs, flattened, tokens one-hot (the raw-input baseline)
+    splits      fit on the probe's training split less a validation part (or the dataset's own
+                validation split), choose on validation, score on test, which chooses nothing
+    probe       converged (default): L2-regularised logistic regression (ridge for real targets) on
+                features standardised with the fit part's statistics, its L2 strength chosen on
+                validation; paper (probe=paper): a linear head trained with Adam (lr 1e-4, weight
+                decay 1e-4, 100 epochs), as in the paper
+
+Scores use the dataset's metric, computed by scikit-learn or scipy from the probe's predictions,
+which are kept so that two probes can be compared example by example (`paired_bootstrap`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import partial
+import warnings
+from dataclasses import dataclass, field
 from itertools import islice
-from typing import Optional
+from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from scipy.stats import pearsonr, spearmanr
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
+from sklearn.model_selection import train_test_split
+from sklearn.multiclass import OneVsRestClassifier
 
 from metamae.config import DatasetConfig, ProbeConfig
 from metamae.data.arrays import Split, batches
 from metamae.model import MetaMAE
-from metamae.modality import to_device
+from metamae.modality import Spec, spec_parts, to_device
+
+CLASS_METRICS = ("accuracy", "weighted_f1", "binary_accuracy")     # one class index per example
+REGRESSION_METRICS = ("spearman", "pearson")
+
+
+@dataclass
+class Features:
+    """Rows of features with their labels; `example` is each row's example (rows are tokens for
+    per-token tasks), so that a validation part is carved by example."""
+    x: np.ndarray          # rows × D, float32
+    y: np.ndarray          # rows (class, float) or rows × labels
+    example: np.ndarray    # rows
+
+    def rows(self, keep: np.ndarray) -> "Features":
+        return Features(self.x[keep], self.y[keep], self.example[keep])
 
 
 @dataclass
 class ProbeResult:
+    """One probe's scores, each on a named split, and its test predictions."""
     metric: str
-    test: float
-    train: float
+    method: str            # the probe: converged or paper
+    validation: float      # what a sweep chooses on
+    test: float            # reported, never chosen on
+    train: float           # the fit part's own score
+    splits: dict[str, str]                 # fit / validation / test: which examples each score is on
+    l2: Optional[float] = None             # the L2 strength chosen on validation (converged probe)
+    converged: bool = True                 # the chosen fit stopped before its iteration cap
+    test_predictions: np.ndarray = field(default=None, repr=False)   # what `score` reads, per test row
+    test_labels: np.ndarray = field(default=None, repr=False)
 
+    def summary(self) -> dict:
+        """The scores and splits, as JSON-able values."""
+        return {"metric": self.metric, "method": self.method, "validation": self.validation, "test": self.test,
+                "train": self.train, "splits": self.splits, "l2": self.l2, "converged": self.converged}
+
+    def save_predictions(self, path: Path) -> None:
+        """The test predictions and labels, for paired comparisons with another probe (tune/report.py)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as f:
+            np.savez(f, predictions=self.test_predictions, labels=self.test_labels)
+
+
+def load_predictions(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(path) as saved:
+        return saved["predictions"], saved["labels"]
+
+
+# --------------------------------------------------------------------------------------------
+# Features: the frozen encoder's, or the raw inputs'
+# --------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def extract_features(model: MetaMAE, data, split: str, batch_size: int, per_token: bool = False,
-                     ignore_label: Optional[int] = None, max_batches: Optional[int] = None):
-    """Frozen-encoder features of one split -> (N × D, labels), or per token (N·L × D, N·L labels)
-    without the tokens labelled `ignore_label`; of the split's first `max_batches` batches if given."""
+def features(transform: Callable, data, split: str, batch_size: int, per_token: bool = False,
+             ignore_label: Optional[int] = None, max_batches: Optional[int] = None) -> Features:
+    """transform(batch) -> B × D (or B × L × D per token) over one split, in the split's order, without
+    the tokens labelled `ignore_label`; of the split's first `max_batches` batches if given."""
+    xs, ys, examples, seen = [], [], [], 0
+    for x, y in islice(data.stream(split, batch_size), max_batches):
+        f = transform(x)
+        example = torch.arange(seen, seen + len(y))
+        seen += len(y)
+        if per_token:
+            example = example[:, None].expand(y.shape)
+            f, y, example = f.reshape(-1, f.shape[-1]), y.reshape(-1), example.reshape(-1)
+        if ignore_label is not None:
+            keep = y != ignore_label
+            f, y, example = f[keep], y[keep], example[keep]
+        xs.append(f.float().cpu())
+        ys.append(y)
+        examples.append(example)
+    if not xs:
+        raise ValueError(f"the {split!r} split of {data.name!r} has no examples to probe")
+    return Features(torch.cat(xs).numpy(), torch.cat(ys).numpy(), torch.cat(examples).numpy())
+
+
+def encoder_features(model: MetaMAE, data, split: str, batch_size: int, per_token: bool = False,
+                     ignore_label: Optional[int] = None, max_batches: Optional[int] = None) -> Features:
+    """The frozen encoder's features of one split (no masking, dropout off)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    feats, labels = [], []
-    for x, y in islice(data.stream(split, batch_size), max_batches):
-        f = model.features(to_device(x, device), per_token=per_token)     # B × D or B × L × D
-        f, y = f.reshape(-1, f.shape[-1]).cpu(), (y.reshape(-1) if per_token else y)
-        if ignore_label is not None:
-            keep = y != ignore_label
-            f, y = f[keep], y[keep]
-        feats.append(f)
-        labels.append(y)
-    model.train(was_training)
-    return torch.cat(feats).float(), torch.cat(labels)
+    try:
+        return features(lambda x: model.features(to_device(x, device), per_token=per_token), data, split,
+                        batch_size, per_token, ignore_label, max_batches)
+    finally:
+        model.train(was_training)
 
 
-def head_outputs(metric: str, num_classes: int) -> int:
-    """Classes for multi-class metrics; one logit for binary and regression; one per label for AUROC."""
-    return num_classes if metric in ("accuracy", "weighted_f1", "auroc") else 1
+def raw_inputs(spec: Spec, x, per_token: bool = False) -> torch.Tensor:
+    """The inputs themselves as features: values flattened, tokens one-hot (B × D, or B × L × V per token)."""
+    parts = x if isinstance(x, tuple) else (x,)
+    columns = []
+    for part, part_spec in zip(parts, spec_parts(spec)):
+        if part_spec.kind == "tokens":
+            one_hot = F.one_hot(part, part_spec.vocab).float()                  # B × L × V
+            columns.append(one_hot if per_token else one_hot.flatten(1))
+        else:
+            columns.append(part.float().flatten(1))
+    return torch.cat(columns, dim=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Splits: fit, validation, test
+# --------------------------------------------------------------------------------------------
+
+def carve_validation(train: Features, metric: str, fraction: float, seed: int) -> tuple[Features, Features]:
+    """(fit, validation): a seeded `fraction` of the training examples (all the tokens of an example go
+    the same way), stratified by class for class labels where every class has two examples."""
+    examples, first = np.unique(train.example, return_index=True)
+    labels = train.y[first] if train.y.ndim == 1 and len(train.y) == len(examples) else None
+    stratify = None
+    if metric in CLASS_METRICS and labels is not None and np.unique(labels, return_counts=True)[1].min() >= 2:
+        stratify = labels
+    held_out = len(examples) * fraction
+    if held_out < 1 or len(examples) - held_out < 1:
+        raise ValueError(f"{len(examples)} training examples are too few to hold out probe.validation_fraction="
+                         f"{fraction} of them for validation")
+    try:
+        _, validation = train_test_split(examples, test_size=fraction, random_state=seed, stratify=stratify)
+    except ValueError:                       # fewer held-out examples than classes: unstratified
+        _, validation = train_test_split(examples, test_size=fraction, random_state=seed)
+    in_validation = np.isin(train.example, validation)
+    return train.rows(~in_validation), train.rows(in_validation)
+
+
+def probe_splits(feature_fn: Callable[[str], Features], dataset: DatasetConfig,
+                 cfg: ProbeConfig) -> tuple[dict[str, Features], dict[str, str]]:
+    """The fit, validation and test features, and a name for each split's examples."""
+    train = feature_fn(dataset.probe_train_split)
+    test = feature_fn(dataset.probe_test_split)
+    if dataset.probe_validation_split:
+        validation = feature_fn(dataset.probe_validation_split)
+        names = {"fit": dataset.probe_train_split, "validation": dataset.probe_validation_split}
+    else:
+        train, validation = carve_validation(train, dataset.metric, cfg.validation_fraction, cfg.seed)
+        percent = f"{cfg.validation_fraction:.0%}"
+        names = {"fit": f"{dataset.probe_train_split} less its validation {percent}",
+                 "validation": f"{percent} of {dataset.probe_train_split} (seed {cfg.seed}"
+                               + (", stratified)" if dataset.metric in CLASS_METRICS else ")")}
+    return {"fit": train, "validation": validation, "test": test}, {**names, "test": dataset.probe_test_split}
+
+
+# --------------------------------------------------------------------------------------------
+# Scores
+# --------------------------------------------------------------------------------------------
+
+def decide(metric: str, outputs: np.ndarray) -> np.ndarray:
+    """A linear head's outputs -> predictions: classes, 0/1 for binary, scores for AUROC, values."""
+    if metric in ("accuracy", "weighted_f1"):
+        return outputs.argmax(axis=1)
+    if metric == "binary_accuracy":
+        return (outputs.reshape(-1) > 0).astype(np.int64)
+    return outputs if metric == "auroc" else outputs.reshape(-1)
+
+
+def score(metric: str, predictions: np.ndarray, y: np.ndarray) -> float:
+    """The dataset's metric of predictions (from `decide`, or a fitted probe's) against labels."""
+    if metric == "accuracy" or metric == "binary_accuracy":
+        return float(accuracy_score(y, predictions))
+    if metric == "weighted_f1":
+        return float(f1_score(y, predictions, average="weighted"))
+    if metric == "auroc":
+        return float(roc_auc_score(y, predictions, average="macro"))
+    correlation = spearmanr if metric == "spearman" else pearsonr
+    return float(correlation(predictions.reshape(-1), y.reshape(-1))[0])
+
+
+def paired_bootstrap(metric: str, a: np.ndarray, b: np.ndarray, y: np.ndarray, resamples: int = 1000,
+                     seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """score(a) - score(b) on the same test rows, and its `level` percentile interval over `resamples`
+    resamples of the rows (paired: both predictions of a row stay together)."""
+    if not (len(a) == len(b) == len(y)):
+        raise ValueError(f"paired predictions need the same rows: {len(a)}, {len(b)} and {len(y)} labels")
+    rng = np.random.default_rng(seed)
+    if metric in ("accuracy", "binary_accuracy"):        # a mean over rows: resample the rows' differences
+        difference = (a == y).astype(np.float64) - (b == y)
+        gains = [difference[rng.integers(0, len(y), len(y))].mean() for _ in range(resamples)]
+    else:
+        gains = []
+        for _ in range(resamples):
+            rows = rng.integers(0, len(y), len(y))
+            gains.append(score(metric, a[rows], y[rows]) - score(metric, b[rows], y[rows]))
+    tail = (1 - level) / 2 * 100
+    low, high = np.nanpercentile(gains, [tail, 100 - tail])
+    return score(metric, a, y) - score(metric, b, y), float(low), float(high)
+
+
+# --------------------------------------------------------------------------------------------
+# The probe
+# --------------------------------------------------------------------------------------------
+
+def standardise(fit: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
+    """Every array standardised with the fit part's per-feature mean and std (MAE's probe: a BatchNorm
+    without affine); constant features are only centred."""
+    mean, std = fit.mean(0), fit.std(0)
+    std = np.where(std > 1e-8, std, 1.0)
+    return [((part - mean) / std).astype(np.float64) for part in (fit, *others)]
+
+
+def converged_model(metric: str, l2: float, max_iter: int, seed: int):
+    """L2 logistic regression (one per label for multi-label) or ridge regression, penalty `l2` on the summed loss."""
+    if metric in REGRESSION_METRICS:
+        return Ridge(alpha=l2)
+    logistic = LogisticRegression(C=1.0 / l2, max_iter=max_iter, random_state=seed)
+    return OneVsRestClassifier(logistic) if metric == "auroc" else logistic
+
+
+def predict(model, metric: str, x: np.ndarray) -> np.ndarray:
+    if metric == "auroc":
+        return model.predict_proba(x)
+    return model.predict(x)
+
+
+def fit_converged(parts: dict[str, Features], metric: str, cfg: ProbeConfig):
+    """Fit at every L2 strength of cfg.l2 (weakest last); keep the best on validation (on a tie, the
+    stronger). Returns (model, l2, converged)."""
+    x_fit, x_val = standardise(parts["fit"].x, parts["validation"].x)
+    best = None
+    for l2 in sorted(cfg.l2, reverse=True):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            model = converged_model(metric, l2, cfg.max_iter, cfg.seed).fit(x_fit, parts["fit"].y)
+        converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+        value = score(metric, predict(model, metric, x_val), parts["validation"].y)
+        if best is None or value > best[0]:
+            best = (value, model, l2, converged)
+    return best[1], best[2], best[3]
 
 
 def probe_loss(metric: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -65,45 +274,64 @@ def probe_loss(metric: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(out.reshape(-1), y.float())                          # regression
 
 
-def score(metric: str, out: torch.Tensor, y: torch.Tensor) -> float:
-    y, out = y.numpy(), out.numpy()
-    if metric == "accuracy":
-        return float(accuracy_score(y, out.argmax(axis=1)))
-    if metric == "weighted_f1":
-        return float(f1_score(y, out.argmax(axis=1), average="weighted"))
-    if metric == "binary_accuracy":
-        return float(accuracy_score(y, (out.reshape(-1) > 0).astype(y.dtype)))
-    if metric == "auroc":
-        return float(roc_auc_score(y, out, average="macro"))
-    correlation = spearmanr if metric == "spearman" else pearsonr
-    return float(correlation(out.reshape(-1), y.reshape(-1))[0])
+def head_outputs(metric: str, num_classes: int) -> int:
+    """Classes for multi-class metrics; one logit for binary and regression; one per label for AUROC."""
+    return num_classes if metric in ("accuracy", "weighted_f1", "auroc") else 1
 
 
-def linear_probe(model: MetaMAE, data, dataset: DatasetConfig, cfg: ProbeConfig) -> ProbeResult:
-    """Train a linear head on the frozen encoder's features of dataset.probe_train_split; score it on
-    dataset.probe_test_split with the dataset's metric."""
-    metric, batch_size = dataset.metric, cfg.batch_size or dataset.batch_size
-    features = partial(extract_features, model, data, batch_size=batch_size, per_token=dataset.per_token,
-                       ignore_label=dataset.ignore_label)
-    train_x, train_y = features(dataset.probe_train_split)
-    test_x, test_y = features(dataset.probe_test_split)
-    mean, std = train_x.mean(0), train_x.std(0) + 1e-6      # MAE's probe: a BatchNorm without affine
-    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
-
+def fit_paper(parts: dict[str, Features], metric: str, num_classes: int, cfg: ProbeConfig, batch_size: int):
+    """The paper's probe: a linear head on standardised features, Adam for cfg.epochs epochs.
+    Returns a function from features to predictions."""
     torch.manual_seed(cfg.seed)
-    head = nn.Linear(train_x.shape[1], head_outputs(metric, dataset.num_classes))
+    x_fit, = standardise(parts["fit"].x)
+    head = nn.Linear(x_fit.shape[1], head_outputs(metric, num_classes)).double()
     optimizer = torch.optim.Adam(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(cfg.seed)
-    features = Split(train_x.numpy(), train_y.numpy())
+    fit = Split(x_fit, parts["fit"].y)
     for _ in range(cfg.epochs):
-        for x, y in batches(features, min(batch_size, len(features)), rng):
+        for x, y in batches(fit, min(batch_size, len(fit)), rng):
             optimizer.zero_grad()
             probe_loss(metric, head(x), y).backward()
             optimizer.step()
-    with torch.no_grad():
-        return ProbeResult(metric, test=score(metric, head(test_x), test_y),
-                           train=score(metric, head(train_x), train_y))
+    head.requires_grad_(False)
+    return lambda x: decide(metric, head(torch.from_numpy(x)).numpy())
 
+
+def probe(feature_fn: Callable[[str], Features], dataset: DatasetConfig, cfg: ProbeConfig) -> ProbeResult:
+    """Fit the probe cfg.method names on the features feature_fn(split) gives; score it on every split."""
+    metric = dataset.metric
+    parts, names = probe_splits(feature_fn, dataset, cfg)
+    l2, converged = None, True
+    if cfg.method == "converged":
+        model, l2, converged = fit_converged(parts, metric, cfg)
+        predictor = lambda x: predict(model, metric, x)                              # noqa: E731
+    else:
+        predictor = fit_paper(parts, metric, dataset.num_classes, cfg, cfg.batch_size or dataset.batch_size)
+    x_fit, x_val, x_test = standardise(parts["fit"].x, parts["validation"].x, parts["test"].x)
+    test_predictions = predictor(x_test)
+    return ProbeResult(metric, cfg.method, validation=score(metric, predictor(x_val), parts["validation"].y),
+                       test=score(metric, test_predictions, parts["test"].y),
+                       train=score(metric, predictor(x_fit), parts["fit"].y), splits=names, l2=l2,
+                       converged=converged, test_predictions=test_predictions, test_labels=parts["test"].y)
+
+
+def linear_probe(model: MetaMAE, data, dataset: DatasetConfig, cfg: ProbeConfig) -> ProbeResult:
+    """Linear evaluation of the frozen encoder."""
+    batch_size = cfg.batch_size or dataset.batch_size
+    return probe(lambda split: encoder_features(model, data, split, batch_size, dataset.per_token,
+                                                dataset.ignore_label), dataset, cfg)
+
+
+def raw_input_probe(data, dataset: DatasetConfig, cfg: ProbeConfig) -> ProbeResult:
+    """The same probe on the raw inputs (flattened; tokens one-hot): what pretraining should beat."""
+    batch_size = cfg.batch_size or dataset.batch_size
+    return probe(lambda split: features(lambda x: raw_inputs(data.spec, x, dataset.per_token), data, split,
+                                        batch_size, dataset.per_token, dataset.ignore_label), dataset, cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# The online probe, for early stopping
+# --------------------------------------------------------------------------------------------
 
 def ridge_targets(metric: str, y: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Labels as regression targets: one-hot classes, ±1 for binary, the labels for multi-label."""
@@ -114,7 +342,22 @@ def ridge_targets(metric: str, y: torch.Tensor, num_classes: int) -> torch.Tenso
     return y.double().reshape(len(y), -1)
 
 
-def online_probe(model: MetaMAE, data, dataset: DatasetConfig, examples: int, l2: float = 1e-2) -> float:
+@dataclass
+class OnlineProbe:
+    score: float            # the held-out examples' metric
+    feature_spread: float   # mean per-dimension std over examples / the features' RMS; near 0: collapse
+
+
+def feature_spread(x: torch.Tensor) -> float:
+    """How much the features differ between examples, relative to their size: the median over
+    dimensions of the std across examples, over the root mean square of all features. Near 0 when
+    every example maps to (nearly) the same vector: a collapsed encoder. (Mean-pooled tokens share
+    their positions' part, so a healthy encoder reads about 0.01 on the digits.)"""
+    rms = x.pow(2).mean().sqrt()
+    return float(x.std(0).median() / rms) if rms > 0 else 0.0
+
+
+def online_probe(model: MetaMAE, data, dataset: DatasetConfig, examples: int, l2: float = 1e-2) -> OnlineProbe:
     """A fast probe that tracks linear evaluation during pretraining, for early stopping.
 
     Closed-form ridge regression of the labels on the standardised features of `examples` examples
@@ -122,9 +365,10 @@ def online_probe(model: MetaMAE, data, dataset: DatasetConfig, examples: int, l2
     held out from the fit, and never the test split that the final evaluation reports.
     """
     batch_size = dataset.batch_size
-    x, y = extract_features(model, data, dataset.probe_train_split, batch_size, dataset.per_token,
-                            dataset.ignore_label, max_batches=-(-2 * examples // batch_size))
-    x, n = x.double(), len(y) // 2                    # rows: examples, or tokens for per-token tasks
+    found = encoder_features(model, data, dataset.probe_train_split, batch_size, dataset.per_token,
+                             dataset.ignore_label, max_batches=-(-2 * examples // batch_size))
+    x, y = torch.from_numpy(found.x).double(), torch.from_numpy(found.y)
+    n = len(y) // 2                                   # rows: examples, or tokens for per-token tasks
     if n < 2:
         raise ValueError(f"the online probe needs at least 4 examples of the {dataset.probe_train_split!r} split")
     mean, std = x[:n].mean(0), x[:n].std(0) + 1e-6
@@ -132,4 +376,5 @@ def online_probe(model: MetaMAE, data, dataset: DatasetConfig, examples: int, l2
     fit, held_out = design[:n], design[n:2 * n]
     targets = ridge_targets(dataset.metric, y[:n], dataset.num_classes)
     weights = torch.linalg.solve(fit.T @ fit + l2 * n * torch.eye(fit.shape[1], dtype=x.dtype), fit.T @ targets)
-    return score(dataset.metric, held_out @ weights, y[n:2 * n])
+    value = score(dataset.metric, decide(dataset.metric, (held_out @ weights).numpy()), y[n:2 * n].numpy())
+    return OnlineProbe(value, feature_spread(x[:2 * n]))

@@ -1,7 +1,8 @@
 """Pretraining on one process: the step function and the plain loop around it.
 
 `train_step` is the unit that every trainer (this loop, Ray Train) calls. The loop adds logging to
-TensorBoard, atomic checkpoints, resuming from the run folder, and a clear stop on a NaN loss.
+TensorBoard (loss terms and health signals, metamae/health.py), atomic checkpoints, resuming from the
+run folder, and a clear stop on a NaN loss.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from tensorboardX import SummaryWriter
 from metamae.checkpoint import FILENAME, load_checkpoint, save_checkpoint
 from metamae.config import DatasetConfig, TrainConfig
 from metamae.data.arrays import ArrayDataset, Dataset, batches_from_step, endless_batches, to_tensors
+from metamae.health import Health
 from metamae.model import Losses, MetaMAE, ModelConfig, ObjectiveConfig
 from metamae.modality import to_device
 
@@ -136,21 +138,24 @@ def pretrain(run: RunConfig, data: Dataset, out_dir: Path, log: bool = True) -> 
 
     writer = SummaryWriter(str(out_dir / "tensorboard"))
     stream = pretrain_inputs(data, run, step)
-    last_log, examples = time.perf_counter(), 0
+    last_log, examples, health = time.perf_counter(), 0, Health()
     try:
         while step < cfg.steps:
             x = next(stream)
             step += 1
             losses = train_step(model, optimizer, to_device(x, cfg.device), step)
+            health.step(losses.scalars())
             examples += run.dataset.batch_size
             if step % cfg.log_every == 0 or step == cfg.steps:
                 now = time.perf_counter()
-                scalars = {**losses.scalars(), "samples_per_s": examples / (now - last_log)}
+                scalars = {**losses.scalars(), **health.read(), "samples_per_s": examples / (now - last_log)}
                 for name, value in scalars.items():
                     writer.add_scalar(f"pretrain/{name}", value, step)
                 if log:
                     print(f"[{run.objective.method}] step {step}/{cfg.steps} "
                           + " ".join(f"{k}={v:.4g}" for k, v in scalars.items()), flush=True)
+                    for line in health.new_warnings(step):
+                        print(f"health: {line}", flush=True)
                 last_log, examples = now, 0
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 save_checkpoint(out_dir / FILENAME, model, optimizer, step, run.to_dict())

@@ -122,7 +122,7 @@ def test_fake_cluster_grows_for_the_sweep_and_shrinks_when_idle(fake_cluster):
         # Both trials run to the end and report the objective (the final linear evaluation).
         pytest.fail(f"the sweep's output:\n{sweep.stdout[-5000:]}\n{sweep.stderr[-5000:]}", pytrace=False)
     table = pd.read_csv(work / "sweeps" / "fake" / "digits.csv")
-    assert list(table["outcome"]) == ["finished"] * TRIALS and table["objective"].notna().all()
+    assert list(table["outcome"]) == ["finished"] * TRIALS and table["validation"].notna().all()
     assert list(table["step"]) == [STEPS] * TRIALS
 
     # Wait until the added workers are gone, then read the GCS's node and actor tables: they keep

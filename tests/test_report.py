@@ -1,10 +1,13 @@
 """The sweep report, read from a real Ray Tune + Optuna sweep: every trial with its status, config and
-outcome, the best config and its checkpoint, the failures, the plots; and a sweep still in progress."""
+outcome, the best config (by validation) and its checkpoint, the baselines and the verdict against them,
+the failures, the health flags, the plots; and a sweep still in progress."""
+import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pandas as pd
 import pytest
@@ -25,19 +28,58 @@ POINTS = [{"objective.inner_lr": lr, "objective.mask_ratio": ratio}
 BEST, FAILED, STOPPED = POINTS[4], POINTS[5], POINTS[6]
 
 
-def pretrain_stand_in(config):
-    """Reports as a pretraining trial does: the probe and loss terms as it trains, then the objective."""
+LABELS = np.arange(200) % 2                       # the test split's labels
+
+
+def predictions_scoring(accuracy: float) -> np.ndarray:
+    """Test predictions whose accuracy on LABELS is `accuracy`: the first rows right, the rest wrong."""
+    right = round(accuracy * len(LABELS))
+    return np.where(np.arange(len(LABELS)) < right, LABELS, 1 - LABELS)
+
+
+def save_predictions(path: Path, accuracy: float) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, predictions=predictions_scoring(accuracy), labels=LABELS)
+
+
+def pretrain_stand_in(config, runs: Path):
+    """Reports as a pretraining trial does: the probe, loss terms and health as it trains, then the
+    validation score (`objective`) and the test score, whose predictions it writes where a trial does."""
     inner_lr, mask_ratio = config["objective.inner_lr"], config["objective.mask_ratio"]
     if inner_lr >= DIVERGING_LR:
         raise FloatingPointError(f"total loss is NaN at step 10 with inner_lr={inner_lr}")
+    health = {"support_change": inner_lr - 0.35, "support_rises": float(inner_lr > 0.35)}
     for step in (10, 20, 30, 40):
-        tune.report({"step": step, "probe": inner_lr * step, "total": 1 / step, "reconstruction": mask_ratio / step})
-    tune.report({"step": 50, "probe": inner_lr * 50, "total": 0.02, "reconstruction": mask_ratio / 50,
-                 "objective": objective(config), "checkpoint_path": f"/checkpoints/{inner_lr}"})
+        tune.report({"step": step, "probe": inner_lr * step, "total": 1 / step, "reconstruction": mask_ratio / step,
+                     **health})
+    save_predictions(runs / tune.get_context().get_trial_id() / "test_predictions.npz", held_out_accuracy(config))
+    tune.report({"step": 50, "probe": inner_lr * 50, "total": 0.02, "reconstruction": mask_ratio / 50, **health,
+                 "objective": objective(config), "test": held_out_accuracy(config),
+                 "checkpoint_path": f"/checkpoints/{inner_lr}"})
 
 
 def objective(config):
     return config["objective.inner_lr"] + config["objective.mask_ratio"] / 10
+
+
+def held_out_accuracy(config):
+    return 0.5 + objective(config) / 2
+
+
+BASELINES = {"random_init": 0.55, "raw_input": 0.95}      # test accuracies; validation ones: the same less 0.01
+
+
+def write_baselines(experiment: Path) -> None:
+    """What the sweep writes before its trials (tune/sweep.py: baseline_probes_once)."""
+    splits = {"fit": "train less its validation 20%", "validation": "20% of train (seed 0, stratified)",
+              "test": "test"}
+    experiment.mkdir(parents=True, exist_ok=True)
+    (experiment / "baselines.json").write_text(json.dumps(
+        {name: {"metric": "accuracy", "method": "converged", "validation": accuracy - 0.01, "test": accuracy,
+                "train": 1.0, "splits": splits, **({"probe": 0.3} if name == "random_init" else {})}
+         for name, accuracy in BASELINES.items()}))
+    for name, accuracy in BASELINES.items():
+        save_predictions(experiment / "baselines" / f"{name}.npz", accuracy)
 
 
 class FinalMetricOptunaSearch(OptunaSearch):
@@ -52,6 +94,7 @@ class FinalMetricOptunaSearch(OptunaSearch):
 def sweep(tmp_path_factory):
     """A finished sweep folder: the Tune experiment `digits` and its Optuna study in optuna.db."""
     sweep_dir = tmp_path_factory.mktemp("sweep")
+    write_baselines(sweep_dir / "digits")
     ray.init(num_cpus=2, log_to_driver=False)
     cloudpickle.register_pickle_by_value(sys.modules[__name__])   # workers cannot import a test module
     storage = optuna.storages.RDBStorage(f"sqlite:///{sweep_dir}/optuna.db")
@@ -61,7 +104,8 @@ def sweep(tmp_path_factory):
                          reduction_factor=2)
     space = {key: tune.uniform(0.0, DIVERGING_LR) for key in POINTS[0]}
     # No metric in TuneConfig: Tune refuses one beside a scheduler that has its own.
-    tuner = tune.Tuner(pretrain_stand_in, param_space=space,
+    trial = tune.with_parameters(pretrain_stand_in, runs=sweep_dir / "digits" / "runs")
+    tuner = tune.Tuner(trial, param_space=space,
                        tune_config=tune.TuneConfig(search_alg=search, scheduler=asha, num_samples=len(POINTS),
                                                    max_concurrent_trials=1, reuse_actors=True),
                        run_config=tune.RunConfig(storage_path=str(sweep_dir), name="digits", verbose=0,
@@ -83,15 +127,21 @@ def config_of(row):
 def test_the_csv_holds_every_trial_with_its_status_config_and_outcome(sweep):
     write_report(sweep)
     table = pd.read_csv(sweep / "digits.csv")
+    baselines = table[table["outcome"] == "baseline"]
+    assert list(baselines["trial_id"]) == ["baseline: random-init encoder", "baseline: raw-input probe"]
+    assert list(baselines["test"]) == [0.55, 0.95] and list(baselines["validation"]) == [0.54, 0.94]
+    table = table[table["outcome"] != "baseline"]
     assert [config_of(row) for _, row in table.iterrows()] == POINTS
     assert table["trial_id"].is_unique
     failed, stopped = table.iloc[POINTS.index(FAILED)], table.iloc[POINTS.index(STOPPED)]
     assert failed["status"] == "ERROR" and "total loss is NaN at step 10" in failed["error"]
-    assert stopped["status"] == "TERMINATED" and stopped["step"] < 50 and pd.isna(stopped["objective"])
-    finished = table.dropna(subset=["objective"])
+    assert stopped["status"] == "TERMINATED" and stopped["step"] < 50 and pd.isna(stopped["validation"])
+    finished = table.dropna(subset=["validation"])
     assert len(finished) == 5 and (finished["status"] == "TERMINATED").all() and (finished["step"] == 50).all()
     for _, row in finished.iterrows():
-        assert row["objective"] == pytest.approx(objective(config_of(row)))
+        assert row["validation"] == pytest.approx(objective(config_of(row)))
+        assert row["test"] == pytest.approx(held_out_accuracy(config_of(row)))
+        assert (row["health"] == "support_rises") == (row["objective.inner_lr"] > 0.35)
         assert row["probe"] == pytest.approx(row["objective.inner_lr"] * 50)
         assert row["checkpoint_path"] == f"/checkpoints/{row['objective.inner_lr']}"
         assert row["time_total_s"] > 0
@@ -100,8 +150,8 @@ def test_the_csv_holds_every_trial_with_its_status_config_and_outcome(sweep):
 def test_the_report_names_the_best_config_its_checkpoint_the_failures_and_the_plots(sweep):
     report = write_report(sweep).read_text()
     best = pd.read_csv(sweep / "digits.csv").iloc[POINTS.index(BEST)]
-    assert f"**Best**: objective {objective(BEST):.4g} (trial `{best['trial_id']}`) with " \
-           "`objective.inner_lr=0.4`, `objective.mask_ratio=0.8`." in report
+    assert f"**Best** (by validation): validation {objective(BEST):.4g}, test {held_out_accuracy(BEST):.4g} (trial " \
+           f"`{best['trial_id']}`) with `objective.inner_lr=0.4`, `objective.mask_ratio=0.8`." in report
     assert f"Best checkpoint: `/checkpoints/{BEST['objective.inner_lr']}`" in report
     assert "7 trials: 5 finished, 1 stopped early, 1 failed, 0 pending or running" in report
     assert "### Failed trials\n\n- `" in report
@@ -111,6 +161,28 @@ def test_the_report_names_the_best_config_its_checkpoint_the_failures_and_the_pl
     assert [Path(plot).stem for plot in plots] == ["digits_objective_vs_params", "digits_probe_curves",
                                                    "digits_history", "digits_importances"]
     assert all((sweep / plot).stat().st_size > 10_000 for plot in plots)
+    assert "- Health: 2 of 7 trials flagged: " in report and "support_rises" in report and "NaN loss" in report
+
+
+def test_the_reports_first_lines_say_whether_the_chosen_configuration_beats_each_baseline(sweep):
+    """The best trial by validation scores 0.74 test accuracy on 200 examples: far above the random-init
+    encoder's 0.55, below the raw inputs' 0.95; each gain with a paired bootstrap interval."""
+    lines = write_report(sweep).read_text().splitlines()
+    verdict = lines[2]
+    assert verdict.startswith("**digits: the chosen configuration does not beat the raw-input probe.**")
+    assert f"chosen on its validation accuracy ({objective(BEST):.4f}), scores test accuracy 0.7400" in verdict
+    assert "against the random-init encoder (test 0.5500): +0.1900 [95 % CI +0.1" in verdict
+    assert "it **beats** it" in verdict
+    assert "against the raw-input probe (test 0.9500): -0.2100 [95 % CI -0.2" in verdict
+    assert "it is **worse** than it" in verdict
+
+
+def test_the_report_reads_the_search_bounds_and_the_early_stopping_signals_ranking(sweep):
+    report = write_report(sweep).read_text()
+    # the best inner_lr, 0.4, lies at 40 % of its range [0, 1]; the mask ratio 0.8 at 80 %: neither is flagged
+    assert "- No best value lies within 5 % of a bound of its range." in report
+    # the probe is inner_lr × step and the objective rises with inner_lr: the ranking is perfect at every step
+    assert "final validation score of the 5 finished trials, Spearman's ρ: step 10: ρ = +1.00" in report
 
 
 def test_the_command_line_writes_the_report_and_names_a_folder_without_a_sweep(sweep, tmp_path):
@@ -146,9 +218,12 @@ def test_a_sweep_in_progress_is_reported_from_what_is_there(sweep, tmp_path):
 
     report = write_report(tmp_path, storage).read_text()
     table = pd.read_csv(tmp_path / "digits.csv")
-    assert len(table) == len(POINTS) and table["objective"].isna().all()
-    assert table["step"].tolist().count(10) == 1 and table["step"].isna().sum() == len(POINTS) - 1
+    trials = table[table["outcome"] != "baseline"]
+    assert len(trials) == len(POINTS) and trials["validation"].isna().all()
+    assert trials["step"].tolist().count(10) == 1 and trials["step"].isna().sum() == len(POINTS) - 1
     assert "No trial has finished yet: no best config." in report
+    assert ("**digits**: no trial has finished, so no configuration can be compared with the baselines "
+            "(random-init encoder test 0.5500, raw-input probe test 0.9500).") in report
     assert f"Parameter importances need {MIN_TRIALS_FOR_IMPORTANCES} completed Optuna trials; the study has 0." \
            in report
     assert "digits_probe_curves.png" in report and "digits_history.png" not in report

@@ -1,6 +1,7 @@
 """tune/sweep.py on a real `ray start --head` on 127.0.0.1: a 6-trial sweep with early stopping whose
 driver is killed mid-sweep and resumed ends with every trial terminated and the Optuna study's history
 kept; `ray job submit` runs a sweep to SUCCEEDED; a wrong search-space key fails naming it."""
+import json
 import os
 import signal
 import subprocess
@@ -24,6 +25,7 @@ from metamae.config import CONFIG_DIR, DatasetConfig  # noqa: E402
 from metamae.data.shards import ShardWriter  # noqa: E402
 from metamae.data.synthetic import synthetic  # noqa: E402
 from metamae.modality import ImageSpec, spec_from_dict  # noqa: E402
+from report import write_report  # noqa: E402
 
 PORT, DASHBOARD_PORT = 6480, 8480               # not Ray's defaults, which other tests' Rays use
 QUICK = ["train.steps=20", "train.log_every=10", "sweep.grace_period=10", "sweep.reduction_factor=2",
@@ -59,7 +61,7 @@ def test_a_killed_sweep_resumes_keeping_finished_trials_and_the_study_history(he
     env, _ = head
     env = {**env, "RAY_ADDRESS": f"127.0.0.1:{PORT}"}
     sweep_dir = tmp_path / "killed"
-    command = sweep_command(sweep_dir, f"sweep.num_samples={TRIALS}")
+    command = sweep_command(sweep_dir, f"sweep.num_samples={TRIALS}", "sweep.baseline=true")
     log = tmp_path / "killed-driver.log"
     with log.open("w") as out:
         driver = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True, stdout=out, stderr=out)
@@ -74,6 +76,13 @@ def test_a_killed_sweep_resumes_keeping_finished_trials_and_the_study_history(he
             os.killpg(driver.pid, signal.SIGKILL)                # the driver, as a lost head node would
         driver.wait()
     before = {t.number: (t.state, t.value) for t in study_trials(sweep_dir) if t.state.is_finished()}
+    # The stopped sweep's report has its baselines, probed before the first trial, and says how the
+    # best trial so far fares against them.
+    baselines = json.loads((sweep_dir / "digits" / "baselines.json").read_text())
+    assert set(baselines) == {"random_init", "raw_input"} and baselines["raw_input"]["test"] > 0.9
+    stopped = write_report(sweep_dir).read_text().splitlines()[2]
+    assert stopped.startswith("**digits: the chosen configuration ") and "chosen on its validation accuracy" in stopped
+    assert f"against the raw-input probe (test {baselines['raw_input']['test']:.4f})" in stopped
 
     resumed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
@@ -83,9 +92,9 @@ def test_a_killed_sweep_resumes_keeping_finished_trials_and_the_study_history(he
     assert len(trials) == TRIALS and set(trials["status"]) == {"TERMINATED"}, trials[["trial_id", "status"]]
     # Each trial ran to the final evaluation, or ASHA stopped it at its rung (step 10 of 20): how many
     # of each is up to the probes (test_report.py pins ASHA's choices with reports of its own).
-    evaluated = trials["objective"].notna()
-    assert evaluated.any() and (trials.loc[evaluated, "step"] == 20).all(), trials[["trial_id", "step", "objective"]]
-    assert (trials.loc[~evaluated, "step"] == 10).all(), trials[["trial_id", "step", "objective"]]
+    evaluated = trials["validation"].notna()
+    assert evaluated.any() and (trials.loc[evaluated, "step"] == 20).all(), trials[["trial_id", "step", "validation"]]
+    assert (trials.loc[~evaluated, "step"] == 10).all(), trials[["trial_id", "step", "validation"]]
     after = {t.number: t for t in study_trials(sweep_dir)}
     for number, (state, value) in before.items():                # the history is kept as it was
         assert (after[number].state, after[number].value) == (state, value)
@@ -108,7 +117,7 @@ def test_ray_job_submit_runs_a_sweep_to_succeeded_with_its_progress_in_the_job_l
     assert "succeeded" in status.stdout.lower(), status.stdout
     logs = subprocess.run([RAY, "job", "logs", "--address", address, job_id], env=env, capture_output=True,
                           text=True, timeout=60).stdout
-    assert "Trial status" in logs and "digits: best objective" in logs
+    assert "Trial status" in logs and "digits: best validation score" in logs
     assert (tmp_path / "job" / "report.md").is_file()
 
 
@@ -196,11 +205,16 @@ def test_a_trial_gets_its_dotted_values_typed_and_checked():
 def test_a_trial_on_shards_keeps_a_cpu_share_for_its_ray_data_tasks():
     digits = sweep.SweepJobConfig(dataset=DatasetConfig(name="digits", source="digits"))
     shards = sweep.SweepJobConfig(dataset=DatasetConfig(name="pamap2", source="shards", path="data/pamap2"))
-    assert sweep.trial_resources(digits)["CPU"] == pytest.approx(0.6)           # driver 0.1 + a 0.5-CPU worker
-    assert sweep.trial_resources(shards)["CPU"] == pytest.approx(0.85)          # + one 0.25-CPU read task
+    assert sweep.trial_resources(digits).total()["CPU"] == pytest.approx(0.6)   # driver 0.1 + a 0.5-CPU worker
+    assert sweep.trial_resources(shards).total()["CPU"] == pytest.approx(0.6)   # which reads its shards itself
+    from dataclasses import replace
+    from metamae.config import TrainerConfig
+    streaming = replace(shards, trainer=TrainerConfig(num_workers=2))           # two workers stream through Ray Data,
+    assert sweep.trial_resources(streaming).trial == ({"CPU": 0.1}, {"CPU": 1.0})  # in a CPU the trial reserves
+    assert sweep.trial_resources(streaming).total()["CPU"] == pytest.approx(2.1)   # (tests/test_sweep_shards.py)
 
 
-def test_a_trial_on_a_custom_dataset_carries_the_manifests_input_classes_and_metric(tmp_path):
+def test_a_trial_on_a_custom_dataset_carries_the_manifests_name_input_classes_and_metric(tmp_path):
     """configs/dataset/custom.yaml leaves them to the manifest; the trials' config must hold them, as
     every checkpoint stores it and rebuilds its model from it (metamae.evaluate)."""
     data = synthetic(ImageSpec(channels=1, height=8, width=8, patch=2), num_classes=3, train=40, test=10)
@@ -211,6 +225,7 @@ def test_a_trial_on_a_custom_dataset_carries_the_manifests_input_classes_and_met
     with hydra.initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
         job = hydra.compose("sweep", overrides=["dataset=custom", f"dataset.path={tmp_path / 'mine'}"])
     [(_, base, _)] = sweep.studies(job)
+    assert job.dataset.name == base["dataset"]["name"] == "mine"           # sweeps/.../mine, the manifest's name
     assert spec_from_dict(base["dataset"]["input"]) == data.spec
     assert (base["dataset"]["num_classes"], base["dataset"]["metric"]) == (3, "weighted_f1")
 

@@ -116,7 +116,7 @@ def test_pretrain_and_evaluate_commands(tmp_path):
               "baselines=true", "trainer.ray=false", f"out_dir={tmp_path}")
     assert run.returncode == 0, run.stderr
     results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results) == {"metamae", "mae", "random_init"}
+    assert set(results) == {"metamae", "mae", "random_init", "raw_input"}
     assert "random_init" in run.stdout and "mae" in run.stdout
     shards = cli("metamae.data.prepare", "digits", "--out", str(tmp_path / "shards"))     # the same digits, as shards
     assert shards.returncode == 0, shards.stderr

@@ -16,13 +16,13 @@ rerun, and the Optuna study keeps its history.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import hydra
+import numpy as np
 import optuna
 import pyarrow.fs
 import ray
@@ -36,13 +36,14 @@ from ray.tune.search.optuna import OptunaSearch
 
 from metamae.config import CONFIG_DIR, METRICS, ExperimentConfig, PretrainConfig, register, to_object
 from metamae.data import load_dataset
-from metamae.distributed.stream import StreamConfig
-from metamae.distributed.trainer import default_environment, fit
+from metamae.distributed.stream import DATA_BUNDLE, TRIAL_DATA_CPUS, streams_through_ray_data
+from metamae.distributed.trainer import ResourceRequestError, default_environment, fit
 from metamae.distributed.tune_reports import CancelTrainReservations, report_to_tune
-from metamae.linear_eval import linear_probe
-from metamae.pretrain import random_init_encoder
+from metamae.health import unhealthy
+from metamae.linear_eval import online_probe
+from metamae.pretrain import baseline_probes, random_init_encoder
 from metamae.train import RunConfig
-from report import write_report
+from report import BASELINE_NAMES, verdicts, write_report
 
 DISTRIBUTIONS = {"loguniform": tune.loguniform, "uniform": tune.uniform,
                  "int": lambda low, high: tune.randint(low, high + 1)}        # low and high both drawn
@@ -63,7 +64,8 @@ class SweepConfig:
     autoscaling: bool = False           # a cluster that grows for waiting trials (cluster/*.yaml): trials are
                                         # not checked against today's nodes, and up to max_concurrent_trials
                                         # (default num_samples) wait at once
-    baseline: bool = True               # also probe a random-init encoder, the number to beat
+    baseline: bool = True               # probe the baselines (a random-init encoder, the raw inputs) first
+    stop_unhealthy: bool = False        # stop a trial, from grace_period steps on, whose health flags are up
 
 
 @dataclass
@@ -159,24 +161,130 @@ class FinalReportOptunaSearch(OptunaSearch):
             super().on_trial_result(trial_id, result)
 
 
-def trial_resources(cfg: SweepJobConfig) -> dict[str, float]:
-    """What one trial holds: its driver, its Train workers and, reading shards, a Ray Data task's CPUs,
-    which Ray Data asks for outside the trial's reservations (without them a full cluster stalls)."""
-    workers = cfg.trainer.num_workers
-    data_cpus = StreamConfig().task_cpus if cfg.dataset.source == "shards" else 0.0
-    return {"CPU": cfg.sweep.trial_cpus + workers * cfg.trainer.cpus_per_worker + data_cpus,
-            "GPU": workers if cfg.trainer.use_gpu else 0}
+class StopUnhealthy(tune.Stopper):
+    """Stop a trial whose report has a health flag up (metamae/health.py), from `grace_period` steps on."""
+
+    def __init__(self, grace_period: int):
+        self.grace_period = grace_period
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return result.get("step", 0) >= self.grace_period and bool(unhealthy(result))
+
+    def stop_all(self) -> bool:
+        return False
 
 
-def concurrent_trials(cfg: SweepJobConfig) -> int:
-    """As many trials as the cluster holds now, or on an autoscaling cluster as many as asked."""
-    if cfg.sweep.max_concurrent_trials:
-        return cfg.sweep.max_concurrent_trials
+@dataclass(frozen=True)
+class TrialResources:
+    """What one trial holds while it runs, as placement group bundles. `trial`: the trial's own
+    placement group, which Tune reserves before the trial starts, on one node: its driver's bundle
+    and, where its Train workers stream shards through Ray Data (several workers), that pipeline's
+    (metamae/distributed/stream.py: every task of it runs there). `workers`: its Train run's
+    placement group, one bundle per worker, asked for by the driver once it runs. Nothing of a
+    trial asks for a CPU outside these: one worker reads its shards itself."""
+    trial: tuple[dict[str, float], ...]
+    workers: tuple[dict[str, float], ...]
+
+    def total(self) -> dict[str, float]:
+        total: dict[str, float] = {}
+        for bundle in (*self.trial, *self.workers):
+            for kind, amount in bundle.items():
+                total[kind] = total.get(kind, 0.0) + amount
+        return total
+
+    def placement(self) -> tune.PlacementGroupFactory:
+        """The trial's own bundles for tune.with_resources: [driver] or [driver, data] (DATA_BUNDLE)."""
+        return tune.PlacementGroupFactory([dict(bundle) for bundle in self.trial], strategy="STRICT_PACK")
+
+    def describe(self) -> str:
+        parts = [f"its driver {self.trial[0]}"]
+        if len(self.trial) > DATA_BUNDLE:
+            parts.append(f"its Ray Data pipeline {self.trial[DATA_BUNDLE]} (on the driver's node)")
+        reads = "" if len(self.trial) > DATA_BUNDLE else " (reading its data itself)"
+        parts.append(f"{len(self.workers)} Train worker{'s' if len(self.workers) > 1 else ''} of "
+                     f"{self.workers[0]}{' each' if len(self.workers) > 1 else ''}{reads}")
+        return ", ".join(parts) + f": {amounts(self.total())} in all"
+
+
+def trial_resources(cfg: SweepJobConfig) -> TrialResources:
+    """What one trial of this study holds: see TrialResources."""
+    worker = {"CPU": cfg.trainer.cpus_per_worker, **({"GPU": 1.0} if cfg.trainer.use_gpu else {})}
+    trial = [{"CPU": cfg.sweep.trial_cpus}]
+    if streams_through_ray_data(cfg.dataset.source, cfg.trainer.num_workers):
+        trial.append({"CPU": TRIAL_DATA_CPUS})
+    return TrialResources(tuple(trial), (worker,) * cfg.trainer.num_workers)
+
+
+def amounts(resources: dict[str, float]) -> str:
+    """{'CPU': 2.0, 'GPU': 0.0} -> '2 CPU, 0 GPU'."""
+    return ", ".join(f"{amount:.4g} {kind}" for kind, amount in resources.items())
+
+
+def trials_that_fit(resources: TrialResources, nodes: list[dict[str, float]], most: int) -> int:
+    """How many trials, up to `most`, the nodes (each one's resources) hold at once, every one of them
+    whole: its own placement group on one node, each of its workers on any. Trials are placed one
+    after the other, each bundle first-fit, the largest first, as Ray's scheduler would find room."""
+    free = [dict(node) for node in nodes]
+
+    def place(bundle: dict[str, float]) -> bool:
+        for node in free:
+            if all(node.get(kind, 0.0) >= amount - 1e-9 for kind, amount in bundle.items()):
+                for kind, amount in bundle.items():
+                    node[kind] = node.get(kind, 0.0) - amount
+                return True
+        return False
+
+    own = {}
+    for bundle in resources.trial:                  # STRICT_PACK: the trial's bundles as one
+        for kind, amount in bundle.items():
+            own[kind] = own.get(kind, 0.0) + amount
+    largest_first = lambda bundle: (bundle.get("GPU", 0.0), bundle.get("CPU", 0.0))
+    for held in range(most):
+        if not all(place(bundle) for bundle in sorted([own, *resources.workers], key=largest_first, reverse=True)):
+            return held
+    return most
+
+
+def cluster_nodes() -> list[dict[str, float]]:
+    """The CPUs and GPUs of each live node of the cluster."""
+    return [{"CPU": node["Resources"].get("CPU", 0.0), "GPU": node["Resources"].get("GPU", 0.0)}
+            for node in ray.nodes() if node["Alive"]]
+
+
+def concurrent_trials(cfg: SweepJobConfig, nodes: Optional[list[dict[str, float]]] = None) -> int:
+    """How many of the study's trials run at once, printed with what each holds.
+
+    On an autoscaling cluster: sweep.max_concurrent_trials, or sweep.num_samples (trials wait for the
+    nodes their requests make the autoscaler add). Otherwise as many whole trials as the cluster's
+    nodes hold (`trials_that_fit`: drivers, data pipelines and Train workers, TrialResources), so that
+    every trial started gets its workers and its pipeline its CPUs: more drivers would hold the CPUs
+    that their workers wait for, and the sweep would hang. sweep.max_concurrent_trials lowers the
+    number; set above it, it is lowered to it, with a message. A trial that no node can hold raises
+    ResourceRequestError here, before any trial starts, naming what it asks for and what there is.
+    """
+    resources, asked = trial_resources(cfg), cfg.sweep.max_concurrent_trials
     if cfg.sweep.autoscaling:
-        return cfg.sweep.num_samples
-    have, need = ray.cluster_resources(), trial_resources(cfg)
-    fits = [math.floor(have.get(kind, 0.0) / amount + 1e-9) for kind, amount in need.items() if amount]
-    return max(1, min(fits))
+        concurrency = asked or cfg.sweep.num_samples
+        print(f"{cfg.dataset.name}: up to {concurrency} trials at once on a cluster that grows, each holding "
+              f"{resources.describe()}", flush=True)
+        return concurrency
+    nodes = cluster_nodes() if nodes is None else nodes
+    have = {kind: sum(node.get(kind, 0.0) for node in nodes) for kind in ("CPU", "GPU")}
+    fits = trials_that_fit(resources, nodes, most=max(cfg.sweep.num_samples, asked or 0))
+    if not fits:
+        raise ResourceRequestError(
+            f"one trial of the {cfg.dataset.name} sweep asks for {resources.describe()}, and the cluster's "
+            f"nodes have {'; '.join(amounts(node) for node in nodes) or 'nothing'} ({amounts(have)} in all): no "
+            f"trial could ever start. Lower trainer.num_workers, trainer.cpus_per_worker or sweep.trial_cpus, "
+            f"set trainer.use_gpu=false, add nodes, or on a cluster that grows set sweep.autoscaling=true")
+    if asked and asked > fits:
+        print(f"sweep.max_concurrent_trials={asked} lowered to {fits}: the cluster holds {fits} whole trials at "
+              f"once, and the drivers of more would hold CPUs that their Train workers or data wait for",
+              flush=True)
+    concurrency = min(asked or fits, fits)
+    print(f"{cfg.dataset.name}: {concurrency} trial{'s' if concurrency > 1 else ''} at once, each holding "
+          f"{resources.describe()}; the cluster has {amounts(have)}", flush=True)
+    return concurrency
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,12 +292,14 @@ def concurrent_trials(cfg: SweepJobConfig) -> int:
 # --------------------------------------------------------------------------------------------
 
 def sweep_dataset(cfg: SweepJobConfig, base: dict[str, Any], space: dict[str, Any], sweep_dir: str,
-                  storage: str) -> tune.ResultGrid:
-    """One dataset's study: a new Tuner, or the restored one of a sweep that was stopped."""
+                  storage: str, concurrency: Optional[int] = None) -> tune.ResultGrid:
+    """One dataset's study: a new Tuner, or the restored one of a sweep that was stopped. Its trials
+    hold their drivers' and data pipelines' bundles (trial_resources); `concurrency` trials run at
+    once (default: concurrent_trials)."""
     name = cfg.dataset.name
     experiment = os.path.join(sweep_dir, name)
     trial = tune.with_parameters(run_trial, base=base, runs_dir=os.path.join(experiment, "runs"))
-    trainable = tune.with_resources(trial, {"cpu": cfg.sweep.trial_cpus})
+    trainable = tune.with_resources(trial, trial_resources(cfg).placement())
     if tune.Tuner.can_restore(experiment):
         if cfg.resume is False:
             raise FileExistsError(f"{experiment} holds a sweep: resume it (the same command, or resume=true), "
@@ -211,8 +321,9 @@ def sweep_dataset(cfg: SweepJobConfig, base: dict[str, Any], space: dict[str, An
     tuner = tune.Tuner(
         trainable, param_space=space,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=cfg.sweep.num_samples,
-                                    max_concurrent_trials=concurrent_trials(cfg)),
+                                    max_concurrent_trials=concurrency or concurrent_trials(cfg)),
         run_config=tune.RunConfig(storage_path=sweep_dir, name=name, callbacks=[CancelTrainReservations()],
+                                  stop=StopUnhealthy(cfg.sweep.grace_period) if cfg.sweep.stop_unhealthy else None,
                                   failure_config=tune.FailureConfig(max_failures=cfg.sweep.trial_retries)))
     return tuner.fit()
 
@@ -220,10 +331,14 @@ def sweep_dataset(cfg: SweepJobConfig, base: dict[str, Any], space: dict[str, An
 BASE = "trial_base.json"         # in a study's Tune folder: the config its trials start from
 
 
+def study_folder(experiment: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    """The filesystem (local, or a bucket's) and path of a study's Tune folder."""
+    return pyarrow.fs.FileSystem.from_uri(experiment if in_bucket(experiment) else str(Path(experiment).resolve()))
+
+
 def base_file(experiment: str) -> tuple[pyarrow.fs.FileSystem, str]:
-    """The filesystem (local, or a bucket's) and path of a study's trial_base.json."""
-    filesystem, folder = pyarrow.fs.FileSystem.from_uri(experiment if in_bucket(experiment) else
-                                                        str(Path(experiment).resolve()))
+    """The filesystem and path of a study's trial_base.json."""
+    filesystem, folder = study_folder(experiment)
     return filesystem, f"{folder}/{BASE}"
 
 
@@ -320,33 +435,56 @@ def pin_train_coordinator_here() -> None:
     ray.get(get_or_create_autoscaling_coordinator().__ray_ready__.remote())
 
 
-def random_init_probe(base: dict[str, Any]) -> float:
-    """The final linear evaluation of a random-init encoder: what pretraining has to beat."""
-    cfg = trial_config(base, {}, out_dir="unused")
-    data, dataset = load_dataset(cfg.dataset, seed=cfg.train.seed)
-    return linear_probe(random_init_encoder(data, cfg), data, dataset, cfg.probe).test
+BASELINES = "baselines.json"     # in a study's Tune folder: the baselines' probes, before any trial
+BASELINE_PREDICTIONS = "baselines"   # ... and their test predictions, <name>.npz, for paired comparisons
 
 
-def baseline_note(cfg: SweepJobConfig, base: dict[str, Any]) -> str:
-    """' (random-init encoder: 0.7578)' for the summary line; a failed baseline is reported there,
-    and the sweep goes on to its next dataset and its report."""
-    if not cfg.sweep.baseline:
-        return ""
-    try:
-        return f" (random-init encoder: {random_init_probe(base):.4f})"
-    except Exception as error:                     # the trials are done and kept; only the baseline is lost
-        return f" (random-init encoder: failed, {type(error).__name__}: {error})"
+def baseline_probes_once(cfg: SweepJobConfig, base: dict[str, Any], experiment: str) -> dict[str, Any]:
+    """The baselines under the trials' probe and splits (a random-init encoder of the trials'
+    architecture, with its online probe for the report's curves; the raw inputs), computed before the
+    first trial, so that a stopped sweep's report has them. A resumed study reads them again."""
+    filesystem, folder = study_folder(experiment)
+    path = f"{folder}/{BASELINES}"
+    if filesystem.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
+        with filesystem.open_input_stream(path) as f:
+            return json.loads(f.read())
+    trial = trial_config(base, {}, out_dir="unused")
+    data, dataset = load_dataset(trial.dataset, seed=trial.train.seed)
+    trial = replace(trial, dataset=dataset)
+    results = baseline_probes(data, trial)
+    online = online_probe(random_init_encoder(data, trial), data, dataset, trial.trainer.probe_examples)
+    baselines = {name: result.summary() for name, result in results.items()}
+    baselines["random_init"]["probe"] = online.score
+    filesystem.create_dir(f"{folder}/{BASELINE_PREDICTIONS}", recursive=True)
+    for name, result in results.items():
+        with filesystem.open_output_stream(f"{folder}/{BASELINE_PREDICTIONS}/{name}.npz") as f:
+            np.savez(f, predictions=result.test_predictions, labels=result.test_labels)
+    with filesystem.open_output_stream(path) as f:
+        f.write(json.dumps(baselines, indent=2).encode())
+    return baselines
 
 
-def summary(name: str, results: tune.ResultGrid, mode: str, against: str) -> str:
+def baselines_line(name: str, baselines: dict[str, Any]) -> str:
+    """The baselines' scores, each with its split."""
+    first = next(iter(baselines.values()))
+    return (f"{name} baselines, {first['metric']} of the {first['method']} linear probe "
+            f"(validation: {first['splits']['validation']}; test: the {first['splits']['test']!r} split): "
+            + "; ".join(f"{BASELINE_NAMES[key]} validation {value['validation']:.4f}, test {value['test']:.4f}"
+                        for key, value in baselines.items()))
+
+
+def summary(name: str, results: tune.ResultGrid, mode: str, baselines: dict[str, Any]) -> str:
+    """The study in one line: its best trial by validation score, that trial's test score, the baselines'."""
     finished = [r for r in results if r.metrics and "objective" in r.metrics]
     failed = [r for r in results if r.error]
+    against = "".join(f", {BASELINE_NAMES[key]} {value['test']:.4f}" for key, value in baselines.items())
     if not finished:
-        return f"{name}: no trial finished ({len(failed)} failed){against}"
+        return f"{name}: no trial finished ({len(failed)} failed); test{against}"
     best = (max if mode == "max" else min)(finished, key=lambda r: r.metrics["objective"])
     params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.config.items())
-    return (f"{name}: best objective {best.metrics['objective']:.4f}{against} with {params}; {len(finished)} "
-            f"finished, {len(results) - len(finished) - len(failed)} stopped early, {len(failed)} failed")
+    return (f"{name}: best validation score {best.metrics['objective']:.4f} with {params}; its test score "
+            f"{best.metrics['test']:.4f}{against}; {len(finished)} finished, "
+            f"{len(results) - len(finished) - len(failed)} stopped early, {len(failed)} failed")
 
 
 def studies(job: DictConfig) -> list[tuple[SweepJobConfig, dict[str, Any], dict[str, Any]]]:
@@ -383,14 +521,21 @@ def main(job: DictConfig) -> None:
         ray.init()                      # a local Ray, or the cluster RAY_ADDRESS names (ray job submit)
     if sweep_cfg.autoscaling:
         pin_train_coordinator_here()
+    # every study's trials checked against the cluster before any starts (one that fits nowhere fails here)
+    concurrency = {cfg.dataset.name: concurrent_trials(cfg) for cfg, _, _ in prepared}
     lines = []
     for cfg, base, space in prepared:
-        results = sweep_dataset(cfg, base, space, sweep_dir, storage)
-        lines.append(summary(cfg.dataset.name, results, METRICS[cfg.dataset.metric], baseline_note(cfg, base)))
+        experiment = os.path.join(sweep_dir, cfg.dataset.name)
+        baselines = baseline_probes_once(cfg, base, experiment) if cfg.sweep.baseline else {}
+        if baselines:
+            print(baselines_line(cfg.dataset.name, baselines), flush=True)
+        results = sweep_dataset(cfg, base, space, sweep_dir, storage, concurrency[cfg.dataset.name])
+        lines.append(summary(cfg.dataset.name, results, METRICS[cfg.dataset.metric], baselines))
     print("\n".join(["", *lines, f"sweep folder: {sweep_dir}",
                      f"optuna-dashboard {storage}    tensorboard --logdir {sweep_dir}"]), flush=True)
     if not in_bucket(sweep_dir):
-        print(f"report: {write_report(sweep_dir, storage)}", flush=True)
+        report = write_report(sweep_dir, storage)
+        print("\n".join(verdicts(sweep_dir, storage)), f"\nreport: {report}", sep="\n", flush=True)
 
 
 def register_sweep() -> None:

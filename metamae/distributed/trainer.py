@@ -35,16 +35,19 @@ from metamae.config import ProbeConfig, TrainerConfig
 from metamae.data import load_dataset
 from metamae.data.arrays import ArrayDataset, batches_from_step, epochs, to_tensors
 from metamae.distributed.collectives import ProcessGroupBatch
-from metamae.distributed.stream import StreamConfig, read_split, torch_batches
+from metamae.distributed.stream import (LIST_FILES_CPUS, StreamConfig, read_split, reserved_data_bundle,
+                                        streams_through_ray_data, torch_batches)
+from metamae.health import Health
 from metamae.linear_eval import linear_probe, online_probe
 from metamae.model import Losses, MetaMAE
 from metamae.modality import to_device
 from metamae.train import (NonFiniteLoss, RunConfig, check_finite, check_same_run, compile_loss,
-                           configure_process, make_optimizer, restore_optimizer)
+                           configure_process, make_optimizer, pretrain_inputs, restore_optimizer)
 
 PRETRAIN = "pretrain"                  # the Ray Data dataset name the workers read
 BEST = "best"                          # the run folder's copy of the best checkpoint by the online probe
 RESULTS = "results.json"
+PREDICTIONS = "test_predictions.npz"   # the final probe's, for the sweep report's paired comparisons
 
 
 class ResourceRequestError(RuntimeError):
@@ -69,12 +72,17 @@ def fit(run: RunConfig, probe: ProbeConfig, trainer: TrainerConfig, out_dir: Pat
     scaling = ScalingConfig(num_workers=trainer.num_workers, use_gpu=trainer.use_gpu,
                             resources_per_worker={"CPU": trainer.cpus_per_worker,
                                                   **({"GPU": 1} if trainer.use_gpu else {})})
+    # One worker reads its shards itself (worker_batches); several stream them through Ray Data: in a
+    # sweep trial inside the CPU the trial reserved for it (stream.py), elsewhere on a CPU left free.
+    streams = streams_through_ray_data(run.dataset.source, trainer.num_workers)
+    within = reserved_data_bundle() if streams else None
     if trainer.check_resources:
-        check_request_fits(scaling)
+        check_request_fits(scaling, data_cpus=LIST_FILES_CPUS if streams and within is None else 0.0)
     datasets = None
-    if run.dataset.source == "shards":
+    if streams:
         datasets = {PRETRAIN: read_split(Path(run.dataset.path), run.dataset.pretrain_split,
-                                         StreamConfig(batch_size=run.dataset.batch_size), seed=run.train.seed)}
+                                         StreamConfig(batch_size=run.dataset.batch_size), seed=run.train.seed,
+                                         within=within)}
     storage = trainer.storage or str(out_dir.parent)
     result = TorchTrainer(
         worker_loop,
@@ -93,28 +101,54 @@ def fit(run: RunConfig, probe: ProbeConfig, trainer: TrainerConfig, out_dir: Pat
     return result
 
 
-def check_request_fits(scaling: ScalingConfig) -> None:
+def check_request_fits(scaling: ScalingConfig, data_cpus: float = 0.0) -> None:
     """Fail now, not hang forever (ray-project/ray#47439), when the cluster's nodes cannot hold the
-    workers; the caller's own reservation (a Tune trial's driver) counts as taken."""
+    workers and, with `data_cpus`, leave a node that many CPUs for a Ray Data pipeline that runs on
+    free CPUs (its ListFiles task asks for a whole CPU). The caller's own reservation counts as
+    taken: a Tune trial's placement group (its driver's and its pipeline's bundles), or the
+    process's own resources outside one."""
     per_worker = {k: v for k, v in scaling._resources_per_worker_not_none.items() if v > 0}
-    context = ray.get_runtime_context()
-    own = context.get_assigned_resources() if context.worker.mode == ray.WORKER_MODE else {}
-    own_node = context.get_node_id()
-    capacity, nodes = 0, []
+    own = held_by_this_process()
+    capacity, nodes, left = 0, [], []
     for node in ray.nodes():
         if not node["Alive"]:
             continue
-        free = dict(node["Resources"])
-        if node["NodeID"] == own_node:
-            free = {k: v - own.get(k, 0.0) for k, v in free.items()}
+        held = own.get(node["NodeID"], {})
+        free = {k: v - held.get(k, 0.0) for k, v in node["Resources"].items()}
         nodes.append({k: free.get(k, 0) for k in per_worker})
-        capacity += min(int(free.get(k, 0.0) / v + 1e-9) for k, v in per_worker.items())
+        fits = min(int(free.get(k, 0.0) / v + 1e-9) for k, v in per_worker.items())
+        capacity += fits
+        # the CPUs the node keeps once it holds as many of the workers as fit, first node first (Train packs them)
+        placed = min(fits, max(0, scaling.num_workers - (capacity - fits)))
+        left.append(free.get("CPU", 0.0) - placed * per_worker.get("CPU", 0.0))
+    if capacity >= scaling.num_workers and data_cpus and max(left, default=0.0) < data_cpus - 1e-9:
+        raise ResourceRequestError(
+            f"the trainer's {scaling.num_workers} workers of {per_worker} leave no node {data_cpus:g} free CPU for "
+            f"the Ray Data pipeline that streams their shards (Ray Data's ListFiles task asks for a whole CPU; "
+            f"CPUs left per node: {[round(cpus, 4) for cpus in left]}, less what this process holds: {own}). "
+            f"Lower trainer.cpus_per_worker or trainer.num_workers, or add nodes")
     if capacity < scaling.num_workers:
         raise ResourceRequestError(
             f"the trainer asks for {scaling.num_workers} workers of {per_worker}, and the cluster's nodes "
             f"hold {capacity} ({nodes}, less what this process holds: {own}). Lower trainer.num_workers or "
             f"trainer.cpus_per_worker, set trainer.use_gpu=false, add nodes, or on an autoscaling cluster "
             f"set trainer.check_resources=false")
+
+
+def held_by_this_process() -> dict[str, dict[str, float]]:
+    """Per node id, what this process holds: the bundles of the placement group it runs in (a Tune
+    trial's), else its own resources (an actor's or a task's); nothing for a driver."""
+    context = ray.get_runtime_context()
+    if context.worker.mode != ray.WORKER_MODE:
+        return {}
+    group = ray.util.get_current_placement_group()
+    if group is None:
+        return {context.get_node_id(): dict(context.get_assigned_resources())}
+    held: dict[str, dict[str, float]] = {}
+    for index, node in ray.util.placement_group_table(group)["bundles_to_node_id"].items():
+        for kind, amount in group.bundle_specs[int(index)].items():
+            held.setdefault(node, {})[kind] = held.get(node, {}).get(kind, 0.0) + amount
+    return held
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,7 +192,7 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     writer = SummaryWriter(str(out_dir / "tensorboard")) if rank == 0 else None
     batches = worker_batches(data, run, rank, world, step)
     local_batch = run.dataset.batch_size // world
-    timer, metrics = Throughput(), {"step": step}
+    timer, metrics, health = Throughput(), {"step": step}, Health()
     try:
         while step < cfg.steps:
             x = timer.wait_for(batches)
@@ -176,6 +210,7 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
             losses.total.backward()
             optimizer.step()
             timer.done(local_batch * world)
+            health.step(scalars)
 
             last = step == cfg.steps
             probe_now = last or (trainer.probe_every and step % trainer.probe_every == 0)
@@ -184,15 +219,19 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
                 continue
             metrics = {"step": step, "resumed_from_step": resumed_from, **scalars, **timer.read()}
             if probe_now and rank == 0:
-                metrics["probe"] = online_probe(model, data, dataset, trainer.probe_examples)
+                online = online_probe(model, data, dataset, trainer.probe_examples)
+                metrics["probe"] = online.score
+                health.probed(online.feature_spread)
                 if best is None or metrics["probe"] > best:
                     best = metrics["probe"]
                     save_checkpoint(out_dir / BEST / FILENAME, model, optimizer, step, run.to_dict(),
                                     best_probe=best)
+            metrics.update(health.read())
+            if rank == 0:
+                for line in health.new_warnings(step):
+                    print(f"health: {line}", flush=True)
             if last and rank == 0:
-                result = linear_probe(model, data, dataset, probe)
-                metrics.update(objective=result.test, objective_train=result.train)
-                (out_dir / RESULTS).write_text(json.dumps({"step": step, **metrics}, indent=2))
+                metrics.update(final_evaluation(model, data, dataset, probe, out_dir, step, metrics))
             if writer is not None:
                 for name, value in metrics.items():
                     writer.add_scalar(f"pretrain/{name}", value, step)
@@ -202,6 +241,19 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
         if writer is not None:
             writer.close()
     return metrics
+
+
+def final_evaluation(model: MetaMAE, data, dataset, probe: ProbeConfig, out_dir: Path, step: int,
+                     metrics: dict[str, float]) -> dict[str, float]:
+    """The linear evaluation at the last step: `objective` is its validation score (what a sweep
+    chooses on), `test` and `fit` its scores on the test split and on the examples it was fitted to.
+    Writes results.json (every score with its split) and the test predictions."""
+    result = linear_probe(model, data, dataset, probe)
+    result.save_predictions(out_dir / PREDICTIONS)
+    scores = {"objective": result.validation, "test": result.test, "fit": result.train}
+    (out_dir / RESULTS).write_text(json.dumps({"step": step, **metrics, **scores, "probe_result": result.summary()},
+                                              indent=2))
+    return scores
 
 
 def report(metrics: dict[str, float], model: MetaMAE, optimizer, step: int, run: RunConfig,
@@ -252,7 +304,10 @@ def worker_batches(data, run: RunConfig, rank: int, world: int, step: int) -> It
     """This worker's inputs for steps step+1, step+2, ...: its rows of each global batch.
 
     In-memory datasets: their rows of `batches_from_step` (the plain loop's batches), exact on resume.
-    Shards: this worker's Ray Data stream (`get_dataset_shard`), reshuffled from the step on resume.
+    Shards, one worker: the plain loop's batches too, read in this process with the plain reader
+    (`pretrain_inputs`: no Ray Data task, so no CPU asked for beyond this worker's), reshuffled
+    from the step on resume. Shards, several workers: this worker's Ray Data stream
+    (`get_dataset_shard`, see fit), reshuffled from the step on resume.
     """
     cfg, local = run.train, run.dataset.batch_size // world
     if isinstance(data, ArrayDataset):
@@ -260,6 +315,9 @@ def worker_batches(data, run: RunConfig, rank: int, world: int, step: int) -> It
         for batch in batches_from_step(data.split(run.dataset.pretrain_split), run.dataset.batch_size, cfg.seed,
                                        step, rows):
             yield to_tensors(batch.x)
+    if not streams_through_ray_data(run.dataset.source, world):
+        yield from pretrain_inputs(data, run, step)
+        return
     shard = ray.train.get_dataset_shard(PRETRAIN)
     stream = StreamConfig(batch_size=local)
     yield from epochs(lambda seed: (x for x, _ in torch_batches(shard, stream, seed=seed, drop_last=True)),
