@@ -1,6 +1,6 @@
 # make demo     : set up .venv if needed, run a small real sweep on the embedded digits (tune/sweep.py)
 # make test     : set up .venv if needed, run the test suite
-# make baselines: pretrain MetaMAE and MAE on the digits, probe them beside a random-init encoder
+# make baselines: pretrain MetaMAE and MAE on the digits, probe them beside a random-init encoder and the raw inputs
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed

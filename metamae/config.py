@@ -58,6 +58,10 @@ class DatasetConfig:
             raise ValueError(f"dataset.source is {self.source!r}; expected one of {list(SOURCES)}")
         if self.batch_size < 1:
             raise ValueError(f"dataset.batch_size is {self.batch_size}; expected >= 1")
+        if self.probe_validation_split in (self.probe_train_split, self.probe_test_split):
+            raise ValueError(f"dataset.probe_validation_split is {self.probe_validation_split!r}, which is also the "
+                             f"probe's training or test split: the probe and the sweep choose on it, so it must be "
+                             f"a split of its own (or null: a part carved from {self.probe_train_split!r})")
         if self.path:          # Ray Train workers and Tune trials run in folders of their own
             self.path = str(Path(self.path).expanduser().absolute())
 

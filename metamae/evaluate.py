@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from metamae.checkpoint import load_checkpoint, model_from_checkpoint
 from metamae.config import CONFIG_DIR, EvaluateConfig, register, to_object
 from metamae.data import load_dataset
-from metamae.linear_eval import ProbeResult, linear_probe
+from metamae.linear_eval import PREDICTIONS, ProbeResult, linear_probe
 from metamae.modality import spec_from_dict
 
 
@@ -31,7 +31,7 @@ def run(cfg: EvaluateConfig) -> ProbeResult:
     model = model_from_checkpoint(checkpoint)
     result = linear_probe(model, data, cfg.dataset, cfg.probe)
     out_dir = Path(cfg.out_dir)
-    result.save_predictions(out_dir / "test_predictions.npz")
+    result.test_predictions.save(out_dir / PREDICTIONS)
     (out_dir / "evaluation.json").write_text(json.dumps(
         {"checkpoint": str(cfg.checkpoint), "step": checkpoint["step"], **result.summary()}, indent=2))
     print(f"{cfg.dataset.name}: {cfg.probe.method} linear probe, {result.metric} validation {result.validation:.4f} "

@@ -5,10 +5,11 @@
                     or the inputs are not standardised
     collapsed       the encoder's features barely differ between examples (feature spread under
                     COLLAPSE_SPREAD, see linear_eval.feature_spread): a collapsed representation
-    nan             a loss term became NaN or infinite (the run stops: train.NonFiniteLoss)
 
-Each report carries `support_change` (the mean of ℓ_s(z*) - ℓ_s(z)), `feature_spread` at the online
-probe, and the flags as 0/1 numbers, which Tune's stopping rules and the sweep report read.
+Each report carries `support_change` (the mean of ℓ_s(z*) - ℓ_s(z) since the run (re)started),
+`feature_spread` at the online probe, and the flags as 0/1 numbers, which Tune's stopping rules and
+the sweep report read. A NaN or infinite loss is the third sign: it stops the run
+(train.NonFiniteLoss), and the sweep report flags the trial from its error.
 """
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ which are kept so that two probes can be compared example by example (`paired_bo
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from itertools import islice
@@ -37,6 +38,7 @@ from metamae.model import MetaMAE
 from metamae.modality import Spec, spec_parts, to_device
 
 CLASS_METRICS = ("accuracy", "weighted_f1", "binary_accuracy")     # one class index per example
+MAX_RAW_FEATURES = 50_000     # raw inputs with more features per row are not probed (MSCOCO's: 1.1 M)
 REGRESSION_METRICS = ("spearman", "pearson")
 
 
@@ -52,6 +54,29 @@ class Features:
         return Features(self.x[keep], self.y[keep], self.example[keep])
 
 
+PREDICTIONS = "test_predictions.npz"    # a probe's test predictions, beside its results
+
+
+@dataclass
+class Predictions:
+    """A probe's test predictions (what `score` reads), the labels, and each row's example: rows
+    are tokens for per-token tasks, and a paired bootstrap resamples whole examples."""
+    predictions: np.ndarray
+    labels: np.ndarray
+    examples: np.ndarray
+
+    def save(self, file) -> None:
+        """To a path (its folder made) or an open binary file (a bucket's stream)."""
+        if isinstance(file, (str, Path)):
+            Path(file).parent.mkdir(parents=True, exist_ok=True)
+        np.savez(file, predictions=self.predictions, labels=self.labels, examples=self.examples)
+
+    @classmethod
+    def load(cls, path: Path) -> "Predictions":
+        with np.load(path) as saved:
+            return cls(saved["predictions"], saved["labels"], saved["examples"])
+
+
 @dataclass
 class ProbeResult:
     """One probe's scores, each on a named split, and its test predictions."""
@@ -62,26 +87,13 @@ class ProbeResult:
     train: float           # the fit part's own score
     splits: dict[str, str]                 # fit / validation / test: which examples each score is on
     l2: Optional[float] = None             # the L2 strength chosen on validation (converged probe)
-    converged: bool = True                 # the chosen fit stopped before its iteration cap
-    test_predictions: np.ndarray = field(default=None, repr=False)   # what `score` reads, per test row
-    test_labels: np.ndarray = field(default=None, repr=False)
+    converged: Optional[bool] = None       # the chosen fit stopped before its iteration cap (converged probe)
+    test_predictions: Optional[Predictions] = field(default=None, repr=False)
 
     def summary(self) -> dict:
         """The scores and splits, as JSON-able values."""
         return {"metric": self.metric, "method": self.method, "validation": self.validation, "test": self.test,
                 "train": self.train, "splits": self.splits, "l2": self.l2, "converged": self.converged}
-
-    def save_predictions(self, path: Path) -> None:
-        """The test predictions and labels, for paired comparisons with another probe (tune/report.py)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as f:
-            np.savez(f, predictions=self.test_predictions, labels=self.test_labels)
-
-
-def load_predictions(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with np.load(path) as saved:
-        return saved["predictions"], saved["labels"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,41 +154,51 @@ def raw_inputs(spec: Spec, x, per_token: bool = False) -> torch.Tensor:
 # Splits: fit, validation, test
 # --------------------------------------------------------------------------------------------
 
-def carve_validation(train: Features, metric: str, fraction: float, seed: int) -> tuple[Features, Features]:
+def stratifies(dataset: DatasetConfig) -> bool:
+    """Whether the carved validation part keeps the classes' proportions: one class per example."""
+    return dataset.metric in CLASS_METRICS and not dataset.per_token
+
+
+def carve_validation(train: Features, stratify: bool, fraction: float, seed: int) -> tuple[Features, Features]:
     """(fit, validation): a seeded `fraction` of the training examples (all the tokens of an example go
-    the same way), stratified by class for class labels where every class has two examples."""
+    the same way), stratified by class if `stratify` and every class has two examples."""
     examples, first = np.unique(train.example, return_index=True)
-    labels = train.y[first] if train.y.ndim == 1 and len(train.y) == len(examples) else None
-    stratify = None
-    if metric in CLASS_METRICS and labels is not None and np.unique(labels, return_counts=True)[1].min() >= 2:
-        stratify = labels
+    labels = train.y[first]
     held_out = len(examples) * fraction
     if held_out < 1 or len(examples) - held_out < 1:
         raise ValueError(f"{len(examples)} training examples are too few to hold out probe.validation_fraction="
                          f"{fraction} of them for validation")
     try:
-        _, validation = train_test_split(examples, test_size=fraction, random_state=seed, stratify=stratify)
-    except ValueError:                       # fewer held-out examples than classes: unstratified
+        _, validation = train_test_split(examples, test_size=fraction, random_state=seed,
+                                         stratify=labels if stratify else None)
+    except ValueError:               # a class of one example, or fewer held out than classes: unstratified
         _, validation = train_test_split(examples, test_size=fraction, random_state=seed)
     in_validation = np.isin(train.example, validation)
     return train.rows(~in_validation), train.rows(in_validation)
 
 
+def split_names(dataset: DatasetConfig, cfg: ProbeConfig) -> dict[str, str]:
+    """Which examples the probe is fitted on, chooses on and is tested on, in words."""
+    if dataset.probe_validation_split:
+        names = {"fit": dataset.probe_train_split, "validation": dataset.probe_validation_split}
+    else:
+        percent = f"{cfg.validation_fraction:.0%}"
+        names = {"fit": f"{dataset.probe_train_split} less its validation {percent}",
+                 "validation": f"{percent} of {dataset.probe_train_split} (seed {cfg.seed}"
+                               + (", stratified by class where possible)" if stratifies(dataset) else ")")}
+    return {**names, "test": dataset.probe_test_split}
+
+
 def probe_splits(feature_fn: Callable[[str], Features], dataset: DatasetConfig,
-                 cfg: ProbeConfig) -> tuple[dict[str, Features], dict[str, str]]:
-    """The fit, validation and test features, and a name for each split's examples."""
+                 cfg: ProbeConfig) -> dict[str, Features]:
+    """The fit, validation and test features (split_names says which examples each holds)."""
     train = feature_fn(dataset.probe_train_split)
     test = feature_fn(dataset.probe_test_split)
     if dataset.probe_validation_split:
         validation = feature_fn(dataset.probe_validation_split)
-        names = {"fit": dataset.probe_train_split, "validation": dataset.probe_validation_split}
     else:
-        train, validation = carve_validation(train, dataset.metric, cfg.validation_fraction, cfg.seed)
-        percent = f"{cfg.validation_fraction:.0%}"
-        names = {"fit": f"{dataset.probe_train_split} less its validation {percent}",
-                 "validation": f"{percent} of {dataset.probe_train_split} (seed {cfg.seed}"
-                               + (", stratified)" if dataset.metric in CLASS_METRICS else ")")}
-    return {"fit": train, "validation": validation, "test": test}, {**names, "test": dataset.probe_test_split}
+        train, validation = carve_validation(train, stratifies(dataset), cfg.validation_fraction, cfg.seed)
+    return {"fit": train, "validation": validation, "test": test}
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,34 +215,43 @@ def decide(metric: str, outputs: np.ndarray) -> np.ndarray:
 
 
 def score(metric: str, predictions: np.ndarray, y: np.ndarray) -> float:
-    """The dataset's metric of predictions (from `decide`, or a fitted probe's) against labels."""
+    """The dataset's metric of predictions (from `decide`, or a fitted probe's) against labels; AUROC
+    averages over the labels that have both classes among these rows (NaN if none has)."""
     if metric == "accuracy" or metric == "binary_accuracy":
         return float(accuracy_score(y, predictions))
     if metric == "weighted_f1":
         return float(f1_score(y, predictions, average="weighted"))
     if metric == "auroc":
-        return float(roc_auc_score(y, predictions, average="macro"))
+        both = (y.min(axis=0) == 0) & (y.max(axis=0) == 1)
+        return float(roc_auc_score(y[:, both], predictions[:, both], average="macro")) if both.any() else math.nan
     correlation = spearmanr if metric == "spearman" else pearsonr
     return float(correlation(predictions.reshape(-1), y.reshape(-1))[0])
 
 
-def paired_bootstrap(metric: str, a: np.ndarray, b: np.ndarray, y: np.ndarray, resamples: int = 1000,
-                     seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+def paired_bootstrap(metric: str, a: np.ndarray, b: np.ndarray, y: np.ndarray, examples: Optional[np.ndarray] = None,
+                     resamples: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
     """score(a) - score(b) on the same test rows, and its `level` percentile interval over `resamples`
-    resamples of the rows (paired: both predictions of a row stay together)."""
+    resamples of the test examples (paired: both predictions of a row stay together; the rows of one
+    example, its tokens, go together). Resamples whose score is undefined are left out."""
     if not (len(a) == len(b) == len(y)):
         raise ValueError(f"paired predictions need the same rows: {len(a)}, {len(b)} and {len(y)} labels")
     rng = np.random.default_rng(seed)
+    if examples is None or len(np.unique(examples)) == len(y):
+        draw = lambda: rng.integers(0, len(y), len(y))                              # noqa: E731
+    else:
+        _, inverse = np.unique(examples, return_inverse=True)
+        members = np.split(np.argsort(inverse, kind="stable"), np.cumsum(np.bincount(inverse))[:-1])
+        draw = lambda: np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])  # noqa: E731
     if metric in ("accuracy", "binary_accuracy"):        # a mean over rows: resample the rows' differences
         difference = (a == y).astype(np.float64) - (b == y)
-        gains = [difference[rng.integers(0, len(y), len(y))].mean() for _ in range(resamples)]
+        gains = [difference[draw()].mean() for _ in range(resamples)]
     else:
         gains = []
         for _ in range(resamples):
-            rows = rng.integers(0, len(y), len(y))
+            rows = draw()
             gains.append(score(metric, a[rows], y[rows]) - score(metric, b[rows], y[rows]))
     tail = (1 - level) / 2 * 100
-    low, high = np.nanpercentile(gains, [tail, 100 - tail])
+    low, high = np.nanpercentile(gains, [tail, 100 - tail]) if not np.isnan(gains).all() else (math.nan, math.nan)
     return score(metric, a, y) - score(metric, b, y), float(low), float(high)
 
 
@@ -230,7 +261,7 @@ def paired_bootstrap(metric: str, a: np.ndarray, b: np.ndarray, y: np.ndarray, r
 
 def standardise(fit: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
     """Every array standardised with the fit part's per-feature mean and std (MAE's probe: a BatchNorm
-    without affine); constant features are only centred."""
+    without affine), in float64; constant features are only centred."""
     mean, std = fit.mean(0), fit.std(0)
     std = np.where(std > 1e-8, std, 1.0)
     return [((part - mean) / std).astype(np.float64) for part in (fit, *others)]
@@ -244,26 +275,32 @@ def converged_model(metric: str, l2: float, max_iter: int, seed: int):
     return OneVsRestClassifier(logistic) if metric == "auroc" else logistic
 
 
-def predict(model, metric: str, x: np.ndarray) -> np.ndarray:
+def predict(model, metric: str, x: np.ndarray, labels: int) -> np.ndarray:
+    """A fitted model's predictions; for AUROC each of the `labels` labels' probability (one label
+    is fitted as a binary task, whose probabilities come as two columns)."""
     if metric == "auroc":
-        return model.predict_proba(x)
+        return model.predict_proba(x)[:, -labels:]
     return model.predict(x)
 
 
-def fit_converged(parts: dict[str, Features], metric: str, cfg: ProbeConfig):
-    """Fit at every L2 strength of cfg.l2 (weakest last); keep the best on validation (on a tie, the
-    stronger). Returns (model, l2, converged)."""
-    x_fit, x_val = standardise(parts["fit"].x, parts["validation"].x)
+def fit_converged(x: dict[str, np.ndarray], parts: dict[str, Features], metric: str, cfg: ProbeConfig):
+    """Fit on the fit part at every L2 strength of cfg.l2 (weakest last); keep the best on validation
+    (on a tie, the stronger; an undefined score never wins). Returns (predictor, l2, converged)."""
+    y = parts["fit"].y
+    labels = y.shape[1] if metric == "auroc" else 1
+    y = y.ravel() if y.ndim == 2 and labels == 1 else y            # one label: a binary task
     best = None
     for l2 in sorted(cfg.l2, reverse=True):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
-            model = converged_model(metric, l2, cfg.max_iter, cfg.seed).fit(x_fit, parts["fit"].y)
+            model = converged_model(metric, l2, cfg.max_iter, cfg.seed).fit(x["fit"], y)
         converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
-        value = score(metric, predict(model, metric, x_val), parts["validation"].y)
+        value = score(metric, predict(model, metric, x["validation"], labels), parts["validation"].y)
+        value = -math.inf if math.isnan(value) else value
         if best is None or value > best[0]:
             best = (value, model, l2, converged)
-    return best[1], best[2], best[3]
+    _, model, l2, converged = best
+    return (lambda features: predict(model, metric, features, labels)), l2, converged
 
 
 def probe_loss(metric: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -279,40 +316,40 @@ def head_outputs(metric: str, num_classes: int) -> int:
     return num_classes if metric in ("accuracy", "weighted_f1", "auroc") else 1
 
 
-def fit_paper(parts: dict[str, Features], metric: str, num_classes: int, cfg: ProbeConfig, batch_size: int):
-    """The paper's probe: a linear head on standardised features, Adam for cfg.epochs epochs.
+def fit_paper(x_fit: np.ndarray, y_fit: np.ndarray, metric: str, num_classes: int, cfg: ProbeConfig,
+              batch_size: int):
+    """The paper's probe: a linear head on the standardised features, Adam for cfg.epochs epochs.
     Returns a function from features to predictions."""
     torch.manual_seed(cfg.seed)
-    x_fit, = standardise(parts["fit"].x)
     head = nn.Linear(x_fit.shape[1], head_outputs(metric, num_classes)).double()
     optimizer = torch.optim.Adam(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(cfg.seed)
-    fit = Split(x_fit, parts["fit"].y)
+    fit = Split(x_fit, y_fit)
     for _ in range(cfg.epochs):
         for x, y in batches(fit, min(batch_size, len(fit)), rng):
             optimizer.zero_grad()
             probe_loss(metric, head(x), y).backward()
             optimizer.step()
     head.requires_grad_(False)
-    return lambda x: decide(metric, head(torch.from_numpy(x)).numpy())
+    return lambda features: decide(metric, head(torch.from_numpy(features)).numpy())
 
 
 def probe(feature_fn: Callable[[str], Features], dataset: DatasetConfig, cfg: ProbeConfig) -> ProbeResult:
     """Fit the probe cfg.method names on the features feature_fn(split) gives; score it on every split."""
     metric = dataset.metric
-    parts, names = probe_splits(feature_fn, dataset, cfg)
-    l2, converged = None, True
+    parts = probe_splits(feature_fn, dataset, cfg)
+    x = dict(zip(parts, standardise(*(part.x for part in parts.values()))))
+    l2 = converged = None
     if cfg.method == "converged":
-        model, l2, converged = fit_converged(parts, metric, cfg)
-        predictor = lambda x: predict(model, metric, x)                              # noqa: E731
+        predictor, l2, converged = fit_converged(x, parts, metric, cfg)
     else:
-        predictor = fit_paper(parts, metric, dataset.num_classes, cfg, cfg.batch_size or dataset.batch_size)
-    x_fit, x_val, x_test = standardise(parts["fit"].x, parts["validation"].x, parts["test"].x)
-    test_predictions = predictor(x_test)
-    return ProbeResult(metric, cfg.method, validation=score(metric, predictor(x_val), parts["validation"].y),
-                       test=score(metric, test_predictions, parts["test"].y),
-                       train=score(metric, predictor(x_fit), parts["fit"].y), splits=names, l2=l2,
-                       converged=converged, test_predictions=test_predictions, test_labels=parts["test"].y)
+        predictor = fit_paper(x["fit"], parts["fit"].y, metric, dataset.num_classes, cfg,
+                              cfg.batch_size or dataset.batch_size)
+    predictions = {name: predictor(features) for name, features in x.items()}
+    scores = {name: score(metric, predictions[name], parts[name].y) for name in parts}
+    return ProbeResult(metric, cfg.method, validation=scores["validation"], test=scores["test"], train=scores["fit"],
+                       splits=split_names(dataset, cfg), l2=l2, converged=converged,
+                       test_predictions=Predictions(predictions["test"], parts["test"].y, parts["test"].example))
 
 
 def linear_probe(model: MetaMAE, data, dataset: DatasetConfig, cfg: ProbeConfig) -> ProbeResult:
@@ -322,8 +359,24 @@ def linear_probe(model: MetaMAE, data, dataset: DatasetConfig, cfg: ProbeConfig)
                                                 dataset.ignore_label), dataset, cfg)
 
 
+def raw_feature_count(spec: Spec, per_token: bool = False) -> int:
+    """The raw inputs' features per row: values, or a one-hot vector per token."""
+    count = 0
+    for part in spec_parts(spec):
+        if part.kind == "tokens":
+            count += part.vocab * (1 if per_token else part.length)
+        else:
+            count += int(np.prod(part.shape))
+    return count
+
+
 def raw_input_probe(data, dataset: DatasetConfig, cfg: ProbeConfig) -> ProbeResult:
-    """The same probe on the raw inputs (flattened; tokens one-hot): what pretraining should beat."""
+    """The same probe on the raw inputs (flattened; tokens one-hot): what pretraining should beat.
+    Raises ValueError for inputs of more than MAX_RAW_FEATURES features a row, too many to hold."""
+    features_per_row = raw_feature_count(data.spec, dataset.per_token)
+    if features_per_row > MAX_RAW_FEATURES:
+        raise ValueError(f"the raw inputs of {data.name!r} have {features_per_row:,} features a row (tokens "
+                         f"one-hot), over the {MAX_RAW_FEATURES:,} a linear probe on them can hold here")
     batch_size = cfg.batch_size or dataset.batch_size
     return probe(lambda split: features(lambda x: raw_inputs(data.spec, x, dataset.per_token), data, split,
                                         batch_size, dataset.per_token, dataset.ignore_label), dataset, cfg)

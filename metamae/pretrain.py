@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Optional
 
 import hydra
 import ray
@@ -18,8 +19,8 @@ from omegaconf import DictConfig
 
 from metamae.config import CONFIG_DIR, ExperimentConfig, PretrainConfig, register, to_object
 from metamae.data import Dataset, load_dataset
-from metamae.distributed.trainer import PREDICTIONS, RESULTS, default_environment, fit
-from metamae.linear_eval import ProbeResult, linear_probe, raw_input_probe
+from metamae.distributed.trainer import RESULTS, default_environment, fit
+from metamae.linear_eval import PREDICTIONS, ProbeResult, linear_probe, raw_input_probe, split_names
 from metamae.model import MetaMAE
 from metamae.train import RunConfig, pretrain
 
@@ -30,11 +31,17 @@ def random_init_encoder(data: Dataset, cfg: ExperimentConfig) -> MetaMAE:
     return MetaMAE(data.spec, cfg.model, cfg.objective)
 
 
-def baseline_probes(data: Dataset, cfg: ExperimentConfig) -> dict[str, ProbeResult]:
+def baseline_probes(data: Dataset, cfg: ExperimentConfig,
+                    encoder: Optional[MetaMAE] = None) -> dict[str, ProbeResult]:
     """What pretraining has to beat, under the same probe and splits: a random-init encoder of the same
-    architecture, and the raw inputs."""
-    return {"random_init": linear_probe(random_init_encoder(data, cfg), data, cfg.dataset, cfg.probe),
-            "raw_input": raw_input_probe(data, cfg.dataset, cfg.probe)}
+    architecture (`encoder`, or a new one), and the raw inputs, where they are few enough to probe
+    (linear_eval.MAX_RAW_FEATURES; the reason is printed where not)."""
+    results = {"random_init": linear_probe(encoder or random_init_encoder(data, cfg), data, cfg.dataset, cfg.probe)}
+    try:
+        results["raw_input"] = raw_input_probe(data, cfg.dataset, cfg.probe)
+    except ValueError as too_large:
+        print(f"no raw-input baseline: {too_large}", flush=True)
+    return results
 
 
 def run(cfg: PretrainConfig) -> dict[str, dict]:
@@ -51,12 +58,14 @@ def run(cfg: PretrainConfig) -> dict[str, dict]:
     for method in methods:
         objective = dataclasses.replace(cfg.objective, method=method)
         run_config = RunConfig(cfg.dataset, cfg.model, objective, cfg.train)
-        if cfg.trainer.ray:
-            fit(run_config, cfg.probe, cfg.trainer, out_dir / method)
-            results[method] = json.loads((out_dir / method / RESULTS).read_text())["probe_result"]
+        if cfg.trainer.ray:                              # the final report reaches the driver through Ray
+            final = fit(run_config, cfg.probe, cfg.trainer, out_dir / method).metrics
+            results[method] = {"metric": cfg.dataset.metric, "method": cfg.probe.method,
+                               "validation": final["objective"], "test": final["test"], "train": final["fit"],
+                               "splits": split_names(cfg.dataset, cfg.probe)}
         else:
             result = linear_probe(pretrain(run_config, data, out_dir / method), data, cfg.dataset, cfg.probe)
-            result.save_predictions(out_dir / method / PREDICTIONS)
+            result.test_predictions.save(out_dir / method / PREDICTIONS)
             results[method] = result.summary()
     if cfg.baselines:
         results.update({name: result.summary() for name, result in baseline_probes(data, cfg).items()})

@@ -39,9 +39,10 @@ def test_the_raw_input_probe_on_the_digits_is_a_converged_fit():
     data = digits()
     result = raw_input_probe(data, DIGITS, ProbeConfig())
     assert result.test >= 0.95 and result.validation >= 0.95 and result.converged
-    assert result.splits == {"fit": "train less its validation 20%",
-                             "validation": "20% of train (seed 0, stratified)", "test": "test"}
-    assert len(result.test_predictions) == len(data.test) == len(result.test_labels)
+    assert result.splits == {"fit": "train less its validation 20%", "test": "test",
+                             "validation": "20% of train (seed 0, stratified by class where possible)"}
+    predictions = result.test_predictions
+    assert len(predictions.predictions) == len(data.test) == len(predictions.labels) == len(predictions.examples)
     assert raw_input_probe(data, DIGITS, ProbeConfig(method="paper", epochs=2)).test < 0.9
 
 
@@ -52,16 +53,17 @@ def test_no_test_example_reaches_the_choice():
     scrambled = replace(data, test=Split(data.test.x, np.random.default_rng(0).permutation(data.test.y)))
     blind = raw_input_probe(scrambled, DIGITS, ProbeConfig(l2=[1e-2, 1.0, 100.0]))
     assert (blind.validation, blind.l2, blind.train) == (honest.validation, honest.l2, honest.train)
-    assert np.array_equal(blind.test_predictions, honest.test_predictions) and blind.test < 0.3
+    assert np.array_equal(blind.test_predictions.predictions, honest.test_predictions.predictions)
+    assert blind.test < 0.3
 
 
 def test_the_validation_part_is_carved_by_example_and_stratified():
     rows = Features(np.zeros((300, 2), np.float32), np.repeat(np.arange(3), 100), np.arange(300))
-    fit, validation = carve_validation(rows, "accuracy", 0.2, seed=0)
+    fit, validation = carve_validation(rows, stratify=True, fraction=0.2, seed=0)
     assert len(validation.y) == 60 and np.bincount(validation.y).tolist() == [20, 20, 20]
     assert not set(fit.example) & set(validation.example)
     tokens = Features(np.zeros((40, 2), np.float32), np.arange(40) % 2, np.repeat(np.arange(10), 4))   # 4 per example
-    fit, validation = carve_validation(tokens, "accuracy", 0.2, seed=0)
+    fit, validation = carve_validation(tokens, stratify=False, fraction=0.2, seed=0)
     assert len(set(validation.example)) == 2 and len(validation.y) == 8
     assert not set(fit.example) & set(validation.example)
 
@@ -130,3 +132,35 @@ def test_a_paired_bootstrap_interval_brackets_the_gain_and_narrows_with_examples
     assert 0 < f1_low < f1_high
     with pytest.raises(ValueError, match="the same rows"):
         paired_bootstrap("accuracy", better, worse[:10], y)
+
+
+def test_auroc_scores_the_labels_that_have_both_classes_and_fits_a_single_label():
+    y = np.array([[1, 0], [0, 0], [1, 0], [0, 0]])              # the second label has no positive here
+    assert score("auroc", np.array([[0.9, 0.1], [0.2, 0.3], [0.8, 0.2], [0.1, 0.4]]), y) == 1.0
+    data = synthetic(SPECS["tabular"], num_classes=2, train=240, test=120, seed=0)
+    data.train.y, data.test.y = data.train.y[:, None], data.test.y[:, None]        # N × 1 labels
+    dataset = DatasetConfig(name="t", num_classes=1, metric="auroc", batch_size=32)
+    result = raw_input_probe(data, dataset, ProbeConfig())
+    assert result.test > 0.7 and result.test_predictions.predictions.shape == (120, 1)
+
+
+def test_the_bootstrap_resamples_whole_examples_for_per_token_rows():
+    rng = np.random.default_rng(0)
+    examples = np.repeat(np.arange(100), 20)                      # 100 sequences of 20 tokens
+    y = rng.integers(0, 2, 2000)
+    right = rng.random(100) < 0.7                                 # a probe right on whole sequences, or wrong
+    a = np.where(np.repeat(right, 20), y, 1 - y)
+    b = np.where(rng.random(2000) < 0.6, y, 1 - y)
+    _, low, high = paired_bootstrap("accuracy", a, b, y, examples)
+    _, row_low, row_high = paired_bootstrap("accuracy", a, b, y)
+    assert high - low > 2 * (row_high - row_low)                  # rows of one sequence are not independent
+
+
+def test_raw_inputs_too_wide_to_hold_are_refused_and_a_validation_split_must_be_its_own():
+    from metamae.modality import ImageSpec, ImageTextSpec, TokenSpec
+    from metamae.linear_eval import raw_feature_count
+    coco = ImageTextSpec(ImageSpec(3, 224, 224, 16), TokenSpec(30522, 32))
+    assert raw_feature_count(coco) == 3 * 224 * 224 + 32 * 30522
+    assert raw_feature_count(TokenSpec(4, 250)) == 1000 and raw_feature_count(TokenSpec(4, 250), per_token=True) == 4
+    with pytest.raises(ValueError, match="probe_validation_split is 'test'"):
+        DatasetConfig(name="t", probe_validation_split="test")

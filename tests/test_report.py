@@ -39,7 +39,7 @@ def predictions_scoring(accuracy: float) -> np.ndarray:
 
 def save_predictions(path: Path, accuracy: float) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, predictions=predictions_scoring(accuracy), labels=LABELS)
+    np.savez(path, predictions=predictions_scoring(accuracy), labels=LABELS, examples=np.arange(len(LABELS)))
 
 
 def pretrain_stand_in(config, runs: Path):
@@ -74,10 +74,10 @@ def write_baselines(experiment: Path) -> None:
     splits = {"fit": "train less its validation 20%", "validation": "20% of train (seed 0, stratified)",
               "test": "test"}
     experiment.mkdir(parents=True, exist_ok=True)
-    (experiment / "baselines.json").write_text(json.dumps(
-        {name: {"metric": "accuracy", "method": "converged", "validation": accuracy - 0.01, "test": accuracy,
-                "train": 1.0, "splits": splits, **({"probe": 0.3} if name == "random_init" else {})}
-         for name, accuracy in BASELINES.items()}))
+    (experiment / "baselines.json").write_text(json.dumps({"config": {}, "probes": {
+        name: {"metric": "accuracy", "method": "converged", "validation": accuracy - 0.01, "test": accuracy,
+               "train": 1.0, "splits": splits, **({"probe": 0.3} if name == "random_init" else {})}
+        for name, accuracy in BASELINES.items()}}))
     for name, accuracy in BASELINES.items():
         save_predictions(experiment / "baselines" / f"{name}.npz", accuracy)
 
@@ -232,3 +232,15 @@ def test_a_sweep_in_progress_is_reported_from_what_is_there(sweep, tmp_path):
     study.add_trial(optuna.trial.create_trial(params=BEST, distributions=distributions, value=objective(BEST)))
     report = write_report(tmp_path, storage).read_text()
     assert "the study has 1." in report and (tmp_path / "plots" / "digits_history.png").stat().st_size > 0
+
+
+def test_a_searched_choice_has_no_bounds_to_be_near():
+    from tune.report import near_bounds
+    study = optuna.create_study(direction="maximize")
+    distributions = {"model.size": optuna.distributions.CategoricalDistribution(["tiny", "small"]),
+                     "objective.inner_lr": optuna.distributions.FloatDistribution(0.05, 5.0, log=True)}
+    study.add_trial(optuna.trial.create_trial(params={"model.size": "tiny", "objective.inner_lr": 4.9},
+                                              distributions=distributions, value=0.9))
+    best = pd.Series({"model.size": "tiny", "objective.inner_lr": 4.9})
+    [line] = near_bounds(best, study, ["model.size", "objective.inner_lr"])
+    assert line.startswith("- `objective.inner_lr=4.9` lies within 5% of its range's high bound (5)")

@@ -78,7 +78,7 @@ def test_a_killed_sweep_resumes_keeping_finished_trials_and_the_study_history(he
     before = {t.number: (t.state, t.value) for t in study_trials(sweep_dir) if t.state.is_finished()}
     # The stopped sweep's report has its baselines, probed before the first trial, and says how the
     # best trial so far fares against them.
-    baselines = json.loads((sweep_dir / "digits" / "baselines.json").read_text())
+    baselines = json.loads((sweep_dir / "digits" / "baselines.json").read_text())["probes"]
     assert set(baselines) == {"random_init", "raw_input"} and baselines["raw_input"]["test"] > 0.9
     stopped = write_report(sweep_dir).read_text().splitlines()[2]
     assert stopped.startswith("**digits: the chosen configuration ") and "chosen on its validation accuracy" in stopped
@@ -238,3 +238,20 @@ def test_a_resumed_sweep_refuses_settings_its_trials_did_not_start_with(tmp_path
     with pytest.raises(ValueError, match=r"started with train.steps=600; resuming it with train.steps=900"):
         sweep.check_same_base(str(tmp_path / "digits"), changed)
     sweep.check_same_base(str(tmp_path / "older"), changed)                  # a sweep from before the file
+
+
+def test_a_studys_baselines_are_kept_for_its_config_and_probed_again_for_another(tmp_path):
+    with hydra.initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        job = hydra.compose("sweep", overrides=["trainer.probe_examples=100"])
+    [(_, base, _)] = sweep.studies(job)
+    experiment = str(tmp_path / "digits")
+    first = sweep.baseline_probes_once(base, experiment)
+    assert set(first) == {"random_init", "raw_input"} and first["raw_input"]["test"] > 0.95
+    saved = (tmp_path / "digits" / "baselines.json").stat().st_mtime_ns
+    assert sweep.baseline_probes_once(base, experiment) == first
+    assert (tmp_path / "digits" / "baselines.json").stat().st_mtime_ns == saved          # read, not probed again
+    wider = json.loads(json.dumps(base))
+    wider["model"]["enc_width"] = 32
+    other = sweep.baseline_probes_once(wider, experiment)
+    assert other["random_init"]["test"] != first["random_init"]["test"]
+    assert json.loads((tmp_path / "digits" / "baselines.json").read_text())["config"]["model"]["enc_width"] == 32

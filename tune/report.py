@@ -28,6 +28,7 @@ import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +37,14 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+import numpy as np  # noqa: E402
 import optuna  # noqa: E402
 import pandas as pd  # noqa: E402
 from optuna.visualization import matplotlib as optuna_plots  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
 from metamae.health import unhealthy  # noqa: E402
-from metamae.linear_eval import load_predictions, paired_bootstrap  # noqa: E402
+from metamae.linear_eval import PREDICTIONS, Predictions, paired_bootstrap  # noqa: E402
 
 MIN_TRIALS_FOR_IMPORTANCES = 5   # completed trials below which fANOVA importances are noise
 MIN_TRIALS_FOR_RANKING = 3       # finished trials below which a rank correlation says nothing
@@ -52,7 +54,8 @@ METRICS = {"validation": "objective", "test": "test", "probe": "probe", "step": 
            "time_total_s": "time_total_s"}
 OUTCOMES = ["finished", "stopped early", "failed", "pending or running"]
 BASELINE_NAMES = {"random_init": "random-init encoder", "raw_input": "raw-input probe"}
-PREDICTIONS = "test_predictions.npz"     # a trial's, in runs/<trial id>/ (metamae.distributed.trainer)
+BASELINES = "baselines.json"         # in a study's Tune folder: the baselines' probes and their config
+BASELINE_PREDICTIONS = "baselines"   # ... and their test predictions, <name>.npz (a trial's: runs/<id>/)
 
 
 @dataclass
@@ -68,6 +71,11 @@ class TrialRecord:
     @property
     def last(self) -> dict[str, Any]:
         return self.reports[-1] if self.reports else {}
+
+    @property
+    def chose_on_test(self) -> bool:
+        """A trial of a sweep from before validation selection: its objective was its test score."""
+        return "objective" in self.last and "test" not in self.last
 
     @property
     def health(self) -> str:
@@ -155,8 +163,8 @@ def load_study(dataset: str, storage: str) -> optuna.Study:
 
 def read_baselines(experiment: Path) -> dict[str, Any]:
     """The baselines the sweep probed before its trials ({} for a sweep with sweep.baseline=false)."""
-    path = experiment / "baselines.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    path = experiment / BASELINES
+    return json.loads(path.read_text())["probes"] if path.is_file() else {}
 
 
 def config_keys(trials: list[TrialRecord]) -> list[str]:
@@ -171,6 +179,7 @@ def trial_table(trials: list[TrialRecord], baselines: dict[str, Any]) -> pd.Data
     rows = [{"trial_id": trial.trial_id, "status": trial.status, "outcome": trial.outcome,
              **{key: trial.config.get(key) for key in keys},
              **{column: trial.last.get(key) for column, key in METRICS.items()},
+             **({"validation": None, "test": trial.last["objective"]} if trial.chose_on_test else {}),
              "health": trial.health, "error": trial.error, "checkpoint_path": trial.last.get("checkpoint_path")}
             for trial in trials]
     rows += [{"trial_id": f"baseline: {BASELINE_NAMES[name]}", "outcome": "baseline",
@@ -212,7 +221,7 @@ class Comparison:
 
     def text(self) -> str:
         spread = (f" [95 % CI {self.interval[0]:+.4f}, {self.interval[1]:+.4f}]" if self.interval
-                  else " (no test predictions to bound it)")
+                  else " (no paired test predictions on disk to bound it)")
         plain = {"beats": "it **beats** it",
                  "is worse than": "it is **worse** than it",
                  "does not beat": "it **does not beat** it by more than the uncertainty"}[self.verdict]
@@ -229,9 +238,10 @@ def compare(experiment: Path, best: pd.Series, baselines: dict[str, Any], metric
         theirs = experiment / "baselines" / f"{name}.npz"
         interval = None
         if mine.is_file() and theirs.is_file():
-            (a, labels), (b, _) = load_predictions(mine), load_predictions(theirs)
-            _, low, high = paired_bootstrap(metric, a, b, labels)
-            interval = (low, high)
+            a, b = Predictions.load(mine), Predictions.load(theirs)
+            if np.array_equal(a.labels, b.labels):              # the same test rows, in the same order
+                _, low, high = paired_bootstrap(metric, a.predictions, b.predictions, a.labels, a.examples)
+                interval = (low, high)
         comparisons.append(Comparison(name, baseline["test"], float(best["test"]) - baseline["test"], interval))
     return comparisons
 
@@ -262,10 +272,8 @@ def verdict_lines(dataset: str, experiment: Path, table: pd.DataFrame, direction
 # --------------------------------------------------------------------------------------------
 
 def position_in_range(value: float, distribution) -> float | None:
-    """Where a value lies in a distribution's range, 0 at low and 1 at high, on its own scale (log for
-    log-uniform draws); None for choices."""
-    if not isinstance(distribution, (optuna.distributions.FloatDistribution, optuna.distributions.IntDistribution)):
-        return None
+    """Where a value lies in a numeric distribution's range, 0 at low and 1 at high, on its own scale
+    (log for log-uniform draws); None for a range of one value."""
     low, high = distribution.low, distribution.high
     if distribution.log:
         value, low, high = math.log(value), math.log(low), math.log(high)
@@ -278,10 +286,11 @@ def near_bounds(best: pd.Series, study: optuna.Study, keys: list[str]) -> list[s
     distributions = {}
     for trial in study.get_trials(deepcopy=False):
         distributions.update(trial.distributions)
+    numeric = (optuna.distributions.FloatDistribution, optuna.distributions.IntDistribution)
     lines = []
     for key in keys:
-        if key not in distributions or pd.isna(best[key]):
-            continue
+        if not isinstance(distributions.get(key), numeric) or pd.isna(best[key]):
+            continue                                   # choices have no bounds
         position = position_in_range(float(best[key]), distributions[key])
         if position is not None and (position < NEAR_BOUND or position > 1 - NEAR_BOUND):
             bound = "low" if position < NEAR_BOUND else "high"
@@ -301,10 +310,12 @@ def probe_ranking(trials: list[TrialRecord]) -> list[str]:
               for trial in finished]
     final = [trial.last["objective"] for trial in finished]
     steps = sorted(set.intersection(*(set(curve) for curve in curves)))
+    if not steps:
+        return ["The finished trials share no step at which all of them ran the online probe: no ranking."]
     rhos = []
     for step in steps:
         rho = spearmanr([curve[step] for curve in curves], final)[0]
-        rhos.append(f"step {step}: ρ = {rho:+.2f}" if not math.isnan(rho) else f"step {step}: ρ undefined (ties)")
+        rhos.append(f"step {step}: ρ = {rho:+.2f}" if not math.isnan(rho) else f"step {step}: ρ undefined")
     return [f"The online probe (what ASHA stops trials on) against the final validation score of the "
             f"{len(finished)} finished trials, Spearman's ρ: " + ", ".join(rhos) + ". Near +1: ASHA's early "
             "decisions can be trusted on this data; near 0 or below: give trials a longer grace period."]
@@ -442,11 +453,16 @@ class Study:
     study: optuna.Study
     baselines: dict[str, Any]
 
-    @property
+    @cached_property
     def table(self) -> pd.DataFrame:
         return trial_table(self.trials, self.baselines)
 
+    @cached_property
     def verdict(self) -> list[str]:
+        """The report's first lines for this study (each paired bootstrap runs once)."""
+        if any(trial.chose_on_test for trial in self.trials):
+            return [f"**{self.name}**: this sweep chose its trials on their test score (it predates validation "
+                    f"selection); its numbers say nothing a new sweep's would: run it again."]
         return verdict_lines(self.name, self.experiment, self.table, self.study.direction, self.baselines)
 
 
@@ -456,7 +472,7 @@ def dataset_section(sweep_dir: Path, study: Study) -> str:
     table, keys = study.table, config_keys(trials)
     table.to_csv(sweep_dir / f"{dataset}.csv", index=False)
     outcomes = Counter(trial.outcome for trial in trials)
-    lines = [f"## {dataset}", "", *study.verdict(), "", splits_text(study.baselines), "",
+    lines = [f"## {dataset}", "", splits_text(study.baselines), "",
              f"Optuna study `{dataset}`: {study.study.direction.name.lower()} the validation score. {len(trials)} "
              "trials: " + ", ".join(f"{outcomes[outcome]} {outcome}" for outcome in OUTCOMES)
              + f". Every trial and baseline: [{dataset}.csv]({dataset}.csv).", ""]
@@ -469,8 +485,8 @@ def dataset_section(sweep_dir: Path, study: Study) -> str:
                   f"{config_text({key: best[key] for key in keys})}.", "",
                   f"Best checkpoint: `{best['checkpoint_path']}`", ""]
     lines += ["### Reading the search", ""]
-    lines += (near_bounds(best, study.study, keys) if best is not None else []) or \
-        ["- No best value lies within 5 % of a bound of its range."]
+    if best is not None:
+        lines += near_bounds(best, study.study, keys) or ["- No best value lies within 5 % of a bound of its range."]
     lines += ["- " + line for line in probe_ranking(trials)]
     sick = [trial for trial in trials if trial.health]
     lines += [f"- Health: {len(sick)} of {len(trials)} trials flagged"
@@ -504,9 +520,9 @@ def read_studies(sweep_dir: str | Path, storage: str | None = None) -> tuple[Pat
                              read_baselines(folder)) for folder in experiments]
 
 
-def verdicts(sweep_dir: str | Path, storage: str | None = None) -> list[str]:
-    """The report's first lines: each dataset's chosen configuration against its baselines."""
-    return [line for study in read_studies(sweep_dir, storage)[1] for line in study.verdict()]
+def report_head(report: Path) -> str:
+    """report.md's first lines: the verdicts, before the first dataset's section."""
+    return report.read_text().split("\n## ", 1)[0]
 
 
 def write_report(sweep_dir: str | Path, storage: str | None = None) -> Path:
@@ -516,7 +532,7 @@ def write_report(sweep_dir: str | Path, storage: str | None = None) -> Path:
     """
     sweep_dir, studies = read_studies(sweep_dir, storage)
     sections = [dataset_section(sweep_dir, study) for study in studies]
-    first_lines = [line for study in studies for line in study.verdict()]
+    first_lines = [line for study in studies for line in study.verdict]
     report = sweep_dir / "report.md"
     report.write_text(f"# Sweep report: {sweep_dir.name}\n\n" + "\n\n".join(first_lines) + "\n\n"
                       + "\n".join(sections))

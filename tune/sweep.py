@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import hydra
-import numpy as np
 import optuna
 import pyarrow.fs
 import ray
@@ -43,7 +42,7 @@ from metamae.health import unhealthy
 from metamae.linear_eval import online_probe
 from metamae.pretrain import baseline_probes, random_init_encoder
 from metamae.train import RunConfig
-from report import BASELINE_NAMES, verdicts, write_report
+from report import BASELINE_NAMES, BASELINE_PREDICTIONS, BASELINES, report_head, write_report
 
 DISTRIBUTIONS = {"loguniform": tune.loguniform, "uniform": tune.uniform,
                  "int": lambda low, high: tune.randint(low, high + 1)}        # low and high both drawn
@@ -435,33 +434,33 @@ def pin_train_coordinator_here() -> None:
     ray.get(get_or_create_autoscaling_coordinator().__ray_ready__.remote())
 
 
-BASELINES = "baselines.json"     # in a study's Tune folder: the baselines' probes, before any trial
-BASELINE_PREDICTIONS = "baselines"   # ... and their test predictions, <name>.npz, for paired comparisons
-
-
-def baseline_probes_once(cfg: SweepJobConfig, base: dict[str, Any], experiment: str) -> dict[str, Any]:
-    """The baselines under the trials' probe and splits (a random-init encoder of the trials'
+def baseline_probes_once(base: dict[str, Any], experiment: str) -> dict[str, Any]:
+    """The baselines under the trials' probe and splits (a random-init encoder of the base config's
     architecture, with its online probe for the report's curves; the raw inputs), computed before the
-    first trial, so that a stopped sweep's report has them. A resumed study reads them again."""
+    first trial, so that a stopped sweep's report has them. A study's folder keeps them with the
+    config they were computed for, and reads them again while that config is the same."""
     filesystem, folder = study_folder(experiment)
     path = f"{folder}/{BASELINES}"
     if filesystem.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
         with filesystem.open_input_stream(path) as f:
-            return json.loads(f.read())
+            saved = json.loads(f.read())
+        if saved.get("config") == json.loads(json.dumps(base)):       # the JSON round trip: tuples as lists
+            return saved["probes"]
     trial = trial_config(base, {}, out_dir="unused")
     data, dataset = load_dataset(trial.dataset, seed=trial.train.seed)
     trial = replace(trial, dataset=dataset)
-    results = baseline_probes(data, trial)
-    online = online_probe(random_init_encoder(data, trial), data, dataset, trial.trainer.probe_examples)
-    baselines = {name: result.summary() for name, result in results.items()}
-    baselines["random_init"]["probe"] = online.score
+    encoder = random_init_encoder(data, trial)
+    results = baseline_probes(data, trial, encoder)
+    probes = {name: result.summary() for name, result in results.items()}
+    probes["random_init"]["probe"] = online_probe(encoder, data, dataset, trial.trainer.probe_examples).score
     filesystem.create_dir(f"{folder}/{BASELINE_PREDICTIONS}", recursive=True)
     for name, result in results.items():
         with filesystem.open_output_stream(f"{folder}/{BASELINE_PREDICTIONS}/{name}.npz") as f:
-            np.savez(f, predictions=result.test_predictions, labels=result.test_labels)
-    with filesystem.open_output_stream(path) as f:
-        f.write(json.dumps(baselines, indent=2).encode())
-    return baselines
+            result.test_predictions.save(f)
+    with filesystem.open_output_stream(f"{path}.tmp") as f:        # renamed whole: never read half-written
+        f.write(json.dumps({"config": base, "probes": probes}, indent=2).encode())
+    filesystem.move(f"{path}.tmp", path)
+    return probes
 
 
 def baselines_line(name: str, baselines: dict[str, Any]) -> str:
@@ -479,7 +478,7 @@ def summary(name: str, results: tune.ResultGrid, mode: str, baselines: dict[str,
     failed = [r for r in results if r.error]
     against = "".join(f", {BASELINE_NAMES[key]} {value['test']:.4f}" for key, value in baselines.items())
     if not finished:
-        return f"{name}: no trial finished ({len(failed)} failed); test{against}"
+        return f"{name}: no trial finished ({len(failed)} failed)" + (f"; test{against}" if against else "")
     best = (max if mode == "max" else min)(finished, key=lambda r: r.metrics["objective"])
     params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.config.items())
     return (f"{name}: best validation score {best.metrics['objective']:.4f} with {params}; its test score "
@@ -523,19 +522,21 @@ def main(job: DictConfig) -> None:
         pin_train_coordinator_here()
     # every study's trials checked against the cluster before any starts (one that fits nowhere fails here)
     concurrency = {cfg.dataset.name: concurrent_trials(cfg) for cfg, _, _ in prepared}
+    # every study's baselines before any trial: a dataset whose baselines fail stops the sweep here
+    baselines = {cfg.dataset.name: baseline_probes_once(base, os.path.join(sweep_dir, cfg.dataset.name))
+                 if cfg.sweep.baseline else {} for cfg, base, _ in prepared}
+    for name, probes in baselines.items():
+        if probes:
+            print(baselines_line(name, probes), flush=True)
     lines = []
     for cfg, base, space in prepared:
-        experiment = os.path.join(sweep_dir, cfg.dataset.name)
-        baselines = baseline_probes_once(cfg, base, experiment) if cfg.sweep.baseline else {}
-        if baselines:
-            print(baselines_line(cfg.dataset.name, baselines), flush=True)
         results = sweep_dataset(cfg, base, space, sweep_dir, storage, concurrency[cfg.dataset.name])
-        lines.append(summary(cfg.dataset.name, results, METRICS[cfg.dataset.metric], baselines))
+        lines.append(summary(cfg.dataset.name, results, METRICS[cfg.dataset.metric], baselines[cfg.dataset.name]))
     print("\n".join(["", *lines, f"sweep folder: {sweep_dir}",
                      f"optuna-dashboard {storage}    tensorboard --logdir {sweep_dir}"]), flush=True)
     if not in_bucket(sweep_dir):
         report = write_report(sweep_dir, storage)
-        print("\n".join(verdicts(sweep_dir, storage)), f"\nreport: {report}", sep="\n", flush=True)
+        print(report_head(report), f"report: {report}", sep="\n", flush=True)
 
 
 def register_sweep() -> None:

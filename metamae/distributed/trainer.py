@@ -38,7 +38,7 @@ from metamae.distributed.collectives import ProcessGroupBatch
 from metamae.distributed.stream import (LIST_FILES_CPUS, StreamConfig, read_split, reserved_data_bundle,
                                         streams_through_ray_data, torch_batches)
 from metamae.health import Health
-from metamae.linear_eval import linear_probe, online_probe
+from metamae.linear_eval import PREDICTIONS, linear_probe, online_probe
 from metamae.model import Losses, MetaMAE
 from metamae.modality import to_device
 from metamae.train import (NonFiniteLoss, RunConfig, check_finite, check_same_run, compile_loss,
@@ -47,7 +47,6 @@ from metamae.train import (NonFiniteLoss, RunConfig, check_finite, check_same_ru
 PRETRAIN = "pretrain"                  # the Ray Data dataset name the workers read
 BEST = "best"                          # the run folder's copy of the best checkpoint by the online probe
 RESULTS = "results.json"
-PREDICTIONS = "test_predictions.npz"   # the final probe's, for the sweep report's paired comparisons
 
 
 class ResourceRequestError(RuntimeError):
@@ -249,7 +248,7 @@ def final_evaluation(model: MetaMAE, data, dataset, probe: ProbeConfig, out_dir:
     chooses on), `test` and `fit` its scores on the test split and on the examples it was fitted to.
     Writes results.json (every score with its split) and the test predictions."""
     result = linear_probe(model, data, dataset, probe)
-    result.save_predictions(out_dir / PREDICTIONS)
+    result.test_predictions.save(out_dir / PREDICTIONS)
     scores = {"objective": result.validation, "test": result.test, "fit": result.train}
     (out_dir / RESULTS).write_text(json.dumps({"step": step, **metrics, **scores, "probe_result": result.summary()},
                                               indent=2))
