@@ -169,7 +169,7 @@ class PretrainConfig(ExperimentConfig):
 @dataclass
 class EvaluateConfig:
     checkpoint: str = MISSING
-    dataset: DatasetConfig = MISSING
+    dataset: Optional[DatasetConfig] = None    # None: the dataset the checkpoint was pretrained on
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     out_dir: str = MISSING
 

@@ -1,6 +1,7 @@
-"""python -m metamae.evaluate checkpoint=PATH [dataset=digits] [probe=paper]
+"""python -m metamae.evaluate checkpoint=PATH [dataset=scop] [probe=paper]
 
-Linear evaluation of a pretrained checkpoint (a checkpoint.pt or the run folder holding it).
+Linear evaluation of a pretrained checkpoint (a checkpoint.pt or the run folder holding it), on the
+dataset it was pretrained on, or on another of the same input shape (a transfer task).
 """
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import json
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from metamae.checkpoint import load_checkpoint, model_from_checkpoint
-from metamae.config import CONFIG_DIR, EvaluateConfig, register, to_object
+from metamae.config import CONFIG_DIR, DatasetConfig, EvaluateConfig, register, to_object
 from metamae.data import load_dataset
 from metamae.linear_eval import PREDICTIONS, ProbeResult, linear_probe
 from metamae.modality import spec_from_dict
@@ -20,8 +21,9 @@ from metamae.modality import spec_from_dict
 
 def run(cfg: EvaluateConfig) -> ProbeResult:
     checkpoint = load_checkpoint(Path(cfg.checkpoint))
+    own = to_object(OmegaConf.merge(OmegaConf.structured(DatasetConfig), checkpoint["config"]["dataset"]))
     # the data seed pretraining used (it makes source=synthetic data), so both see the same examples
-    data, dataset = load_dataset(cfg.dataset, seed=checkpoint["config"]["train"]["seed"])
+    data, dataset = load_dataset(cfg.dataset or own, seed=checkpoint["config"]["train"]["seed"])
     cfg = dataclasses.replace(cfg, dataset=dataset)
     trained_on = spec_from_dict(checkpoint["config"]["dataset"]["input"])
     if trained_on != cfg.dataset.spec():

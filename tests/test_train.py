@@ -140,6 +140,22 @@ def test_evaluate_probes_the_synthetic_data_the_checkpoint_was_pretrained_on(tmp
     assert evaluated.test == pytest.approx(expected.test) and evaluated.train == pytest.approx(expected.train)
 
 
+def test_evaluate_without_a_dataset_probes_the_checkpoints_own(tmp_path):
+    """`python -m metamae.evaluate checkpoint=PATH` evaluates on what the checkpoint was pretrained on
+    (here synthetic tabular data), not on the digits."""
+    dataset = DatasetConfig(name="mine", input={"kind": "tabular", "features": 6}, num_classes=3,
+                            metric="accuracy", batch_size=32, source="synthetic")
+    run = RunConfig(dataset, SMALL, ObjectiveConfig(), TrainConfig(steps=5, seed=3, log_every=5))
+    model = pretrain(run, load_dataset(dataset, seed=3)[0], tmp_path / "run", log=False)
+    expected = linear_probe(model, load_dataset(dataset, seed=3)[0], dataset, ProbeConfig())
+    evaluation = cli("metamae.evaluate", f"checkpoint={tmp_path / 'run'}", f"out_dir={tmp_path / 'eval'}")
+    assert evaluation.returncode == 0, evaluation.stderr
+    assert evaluation.stdout.startswith("mine: converged linear probe, accuracy validation")
+    evaluated = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    assert evaluated["test"] == pytest.approx(expected.test) and evaluated["validation"] == pytest.approx(
+        expected.validation)
+
+
 @pytest.mark.parametrize("override, message", [
     ("train.stepz=5", "stepz"),
     ("objective.mask_ratio=1.5", "objective.mask_ratio is 1.5"),
