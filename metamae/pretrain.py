@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -22,7 +23,7 @@ from metamae.data import Dataset, load_dataset
 from metamae.distributed.trainer import RESULTS, default_environment, fit
 from metamae.linear_eval import PREDICTIONS, ProbeResult, linear_probe, raw_input_probe, split_names
 from metamae.model import MetaMAE
-from metamae.train import RunConfig, pretrain
+from metamae.train import Interrupted, RunConfig, pretrain
 
 
 def random_init_encoder(data: Dataset, cfg: ExperimentConfig) -> MetaMAE:
@@ -84,7 +85,12 @@ def run(cfg: PretrainConfig) -> dict[str, dict]:
 
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="pretrain")
 def main(cfg: DictConfig) -> None:
-    run(to_object(cfg))
+    """The command: Ctrl-C of the plain loop keeps a checkpoint, says where, and exits 130."""
+    try:
+        run(to_object(cfg))
+    except Interrupted as stop:
+        print(stop, file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 register()

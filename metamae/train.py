@@ -29,6 +29,10 @@ class NonFiniteLoss(FloatingPointError):
     """A loss term became NaN or infinite; raised before the weights are touched."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped pretraining; the last finished step's checkpoint is saved, which the message names."""
+
+
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3      # mallopt's parameters, from glibc's malloc.h
 
 
@@ -139,11 +143,13 @@ def pretrain(run: RunConfig, data: Dataset, out_dir: Path, log: bool = True) -> 
     writer = SummaryWriter(str(out_dir / "tensorboard"))
     stream = pretrain_inputs(data, run, step)
     last_log, examples, health = time.perf_counter(), 0, Health()
+    done = saved = step                                 # the last finished step, the last one saved
     try:
         while step < cfg.steps:
             x = next(stream)
             step += 1
             losses = train_step(model, optimizer, to_device(x, cfg.device), step)
+            done = step
             health.step(losses.scalars())
             examples += run.dataset.batch_size
             if step % cfg.log_every == 0 or step == cfg.steps:
@@ -159,6 +165,12 @@ def pretrain(run: RunConfig, data: Dataset, out_dir: Path, log: bool = True) -> 
                 last_log, examples = now, 0
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 save_checkpoint(out_dir / FILENAME, model, optimizer, step, run.to_dict())
+                saved = step
+    except KeyboardInterrupt:
+        if done > saved:
+            save_checkpoint(out_dir / FILENAME, model, optimizer, done, run.to_dict())
+        raise Interrupted(f"interrupted after step {done}: the checkpoint at {out_dir / FILENAME} holds step "
+                          f"{max(done, saved)}; the same command with out_dir={out_dir} resumes from it") from None
     finally:
         writer.close()
     return model

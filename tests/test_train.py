@@ -1,5 +1,6 @@
 """Pretraining: the loss goes down, checkpoints are atomic and resumable, a NaN stops the run."""
 import json
+import signal
 import subprocess
 import sys
 from dataclasses import replace
@@ -223,3 +224,21 @@ def test_a_compiled_loss_trains_as_the_eager_one_draw_for_draw():
         assert compiled_step == pytest.approx(eager_step, rel=1e-5, abs=1e-6)
     for name, weight in eager_weights.items():
         torch.testing.assert_close(compiled_weights[name], weight, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_ctrl_c_of_the_plain_loop_keeps_a_checkpoint_says_where_and_exits_130(tmp_path):
+    """A real process, interrupted as a terminal's Ctrl-C does (SIGINT), mid-run."""
+    command = [sys.executable, "-m", "metamae.pretrain", "trainer.ray=false", "model=tiny", "train.steps=100000",
+               "train.log_every=5", "train.checkpoint_every=100000", f"out_dir={tmp_path}"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:                                   # the first log line: steps are running
+        if "step 5/100000" in line:
+            break
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr
+    [line] = [line for line in stderr.splitlines() if line.startswith("interrupted after step")]
+    step = int(line.split()[3].rstrip(":"))
+    assert step >= 5 and f"the checkpoint at {tmp_path / 'metamae' / 'checkpoint.pt'} holds step {step}" in line
+    assert load_checkpoint(tmp_path / "metamae")["step"] == step
