@@ -195,11 +195,10 @@ class TrialDriver:
         return {"rows": rows, "within": within is not None, "held": list(held_by_this_process().values())}
 
 
-def test_a_streaming_trials_pipeline_runs_in_the_cpu_its_placement_group_holds(head, shards, monkeypatch):
-    """Every other CPU of the head taken: the pipeline (ListFiles's 1-CPU task, the reads and decodes)
-    has only the trial's data bundle, and reads every row there."""
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    ray.init(address=head["RAY_ADDRESS"], log_to_driver=False)
+def read_in_a_trials_bundle(address: str, folder: str) -> dict:
+    """Every other CPU of the head taken, a trial driver's read of the shards (run in a process of its
+    own: Ray keeps one auth mode per process, and other tests' local Rays use another)."""
+    ray.init(address=address, log_to_driver=False)
     cloudpickle.register_pickle_by_value(sys.modules[__name__])     # workers cannot import a test module
     try:
         placement = sweep.trial_resources(study(num_workers=2)).placement()
@@ -209,13 +208,25 @@ def test_a_streaming_trials_pipeline_runs_in_the_cpu_its_placement_group_holds(h
         ray.get(blocker.__ray_ready__.remote(), timeout=60)
         driver = ray.remote(num_cpus=0.1)(TrialDriver).options(scheduling_strategy=PlacementGroupSchedulingStrategy(
             group, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)).remote()
-        result = ray.get(driver.read.remote(str(shards)), timeout=180)
-        assert result["rows"] == 320 and result["within"]
-        assert result["held"] == [{"CPU": 0.1 + TRIAL_DATA_CPUS}]               # one node: the whole group
+        result = ray.get(driver.read.remote(folder), timeout=180)
         ray.kill(blocker)
         remove_placement_group(group)
+        return result
     finally:
         ray.shutdown()
+
+
+def test_a_streaming_trials_pipeline_runs_in_the_cpu_its_placement_group_holds(head, shards):
+    """The pipeline (ListFiles's 1-CPU task, the reads and decodes) has only the trial's data bundle,
+    and reads every row there."""
+    script = ("import json, sys; sys.path[:0] = sys.argv[1:3]; import test_sweep_shards as shards; "
+              "print(json.dumps(shards.read_in_a_trials_bundle(*sys.argv[3:5])))")
+    done = subprocess.run([sys.executable, "-c", script, str(ROOT / "tests"), str(ROOT), head["RAY_ADDRESS"],
+                           str(shards)], cwd=ROOT, env=head, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["rows"] == 320 and result["within"]
+    assert result["held"] == [{"CPU": 0.1 + TRIAL_DATA_CPUS}]               # one node: the whole group
 
 
 def test_a_four_trial_sweep_on_shards_runs_to_the_end_with_trials_at_once(head, shards, tmp_path):

@@ -3,16 +3,23 @@
     python -m metamae.data.prepare DATASET --raw DIR --out DIR [--download] [--overwrite] [--verify]
     python -m metamae.data.prepare custom (--npz FILE | --csv FILE | --npy-dir DIR)
         --modality timeseries|tabular|tokens|image [--patch P] [--vocab V] [--name NAME]
-        [--no-standardize] --out DIR
+        [--metric METRIC] [--num-classes K] [--no-standardize] --out DIR
     python -m metamae.data.prepare verify --out DIR
 
-A folder that already holds a complete dataset is kept (pass --overwrite to convert again); one that
-holds an unfinished conversion is cleared first. --verify re-reads every shard against the manifest:
-row counts, SHA-256, schema and shapes, label ranges, finite inputs and token ids inside the vocabulary.
+A folder that already holds a complete dataset is kept (pass --overwrite to convert again: the new
+dataset is written beside it and replaces it only once complete, so a failed conversion keeps the old
+one); one that holds an unfinished conversion is cleared first. --verify re-reads every shard against
+the manifest: row counts, SHA-256, schema and shapes, label ranges, finite inputs and token ids inside
+the vocabulary.
 
 custom stores float inputs as given, with each channel's mean and std over the train split, which
 every reader standardises with (--no-standardize: none, the inputs are read as given). --name names
-the dataset: `dataset=custom dataset.path=DIR` runs and sweeps go under it.
+the dataset: `dataset=custom dataset.path=DIR` runs and sweeps go under it. Class labels run over
+0..K-1, K the largest label + 1: a class with no example is refused unless --num-classes K says the
+classes are real, and labels of K or more are refused.
+
+Bad input, an unreadable file and an output folder that cannot be written end the run with one line,
+`error: ...`, naming the file, array or folder.
 """
 from __future__ import annotations
 
@@ -48,6 +55,7 @@ def parse(argv=None) -> argparse.Namespace:
     own.add_argument("--no-standardize", dest="standardize", action="store_false",
                      help="store no per-channel statistics: inputs are read as given")
     own.add_argument("--metric", default="accuracy")
+    own.add_argument("--num-classes", type=int, help="class labels: K classes, labels 0..K-1, some maybe absent")
     own.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -65,16 +73,16 @@ def prepare_custom(args: argparse.Namespace, shard_bytes: int) -> Manifest:
             raise SystemExit("custom: --modality is required for --npz and --npy-dir")
     return custom.convert_arrays(arrays["X"], arrays["y"], modality, args.out, name=args.name, patch=args.patch,
                                  vocab=args.vocab, train_idx=arrays.get("train_idx"),
-                                 test_idx=arrays.get("test_idx"), metric=args.metric, seed=args.seed,
-                                 source=str(sources[0]), standardize=args.standardize, shard_bytes=shard_bytes,
-                                 overwrite=args.overwrite)
+                                 test_idx=arrays.get("test_idx"), metric=args.metric,
+                                 num_classes=args.num_classes, seed=args.seed, source=str(sources[0]),
+                                 standardize=args.standardize, shard_bytes=shard_bytes, overwrite=args.overwrite)
 
 
 def main(argv=None) -> None:
     args = parse(argv)
     try:
         run(args)
-    except (FileNotFoundError, FileExistsError, ValueError) as error:
+    except (OSError, ValueError) as error:          # OSError: a file or folder that cannot be read or written
         sys.exit(f"error: {error}")
 
 

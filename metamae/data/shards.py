@@ -21,15 +21,22 @@ and leaves `normalization` null.
 
 The writer names each shard `*.parquet.tmp` until it is complete, renames it, and writes the
 manifest last, so a crash mid-conversion never leaves a folder that looks complete. A folder with no
-manifest is an unfinished conversion: a new one clears its shards before writing.
+manifest is an unfinished conversion: a new one clears its shards before writing. A complete dataset
+is replaced (overwrite=True) without being touched until its successor is complete: the new one is
+written into a sibling folder `NAME.partial-PID` and swapped in once its manifest is written and read
+back (see `swap_in`); a failed or killed conversion leaves the old dataset as it was, and the next
+conversion into the folder deletes the `NAME.partial-*` folders left behind.
 """
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 import os
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -49,6 +56,7 @@ MANIFEST = "manifest.json"
 DEFAULT_SHARD_BYTES = 128 * 2**20
 ROW_GROUP_BYTES = 8 * 2**20
 SHARD_NAME = re.compile(r"\w+-\d{5}\.parquet(\.tmp)?")     # ShardWriter's file names: SPLIT-NNNNN.parquet
+STAGED = re.compile(r"\.partial-\d+")                      # a replacement being written: NAME.partial-PID
 LABEL_KINDS = ("class", "multilabel", "float", "per_token")
 
 
@@ -307,9 +315,14 @@ class Moments:
 class ShardWriter:
     """Writes a dataset folder split by split; `finish()` writes the manifest that makes it complete.
 
-        writer = ShardWriter(out, "pamap2", spec, num_classes=12, metric="accuracy")
-        writer.add("train", x, y)          # numpy arrays, any number of calls
-        writer.finish()
+        with ShardWriter(out, "pamap2", spec, num_classes=12, metric="accuracy") as writer:
+            writer.add("train", x, y)          # numpy arrays, any number of calls
+            writer.finish()
+
+    Leaving the `with` block without finish() (an error, or a forgotten call) aborts: what this writer
+    wrote is deleted. Without `with`, an error before finish() leaves it (cleared by the next run).
+    Either way a complete dataset that overwrite=True replaces is kept until finish() swaps in the new.
+    A folder that cannot be created or written raises OSError naming it.
     """
 
     def __init__(self, folder: Path, name: str, spec: Spec, num_classes: int, metric: str,
@@ -326,20 +339,48 @@ class ShardWriter:
         self.rows_per_group = max(1, min(self.rows_per_shard, ROW_GROUP_BYTES // row_bytes))
         self._open: dict[str, tuple[pq.ParquetWriter, Path, int]] = {}
         self._next_id: dict[str, int] = {}
-        self._prepare_folder(overwrite)
+        self._created = not self.folder.exists()
+        self._finished = False
+        self.staging = self._prepare_folder(overwrite)       # where shards go: folder, or NAME.partial-PID
         self._bar = tqdm(desc=f"{name} -> {self.folder}", unit=" rows", disable=not progress)
 
-    def _prepare_folder(self, overwrite: bool) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        manifest = self.folder / MANIFEST
-        if manifest.exists():
-            if not overwrite:
-                raise FileExistsError(f"{self.folder} already holds a prepared dataset; pass --overwrite to "
-                                      f"replace it, or --verify to check it")
-            manifest.unlink()                      # from here on the folder no longer looks complete
-        for stale in self.folder.glob("*.parquet*"):      # an unfinished conversion's shards, no other file
-            if SHARD_NAME.fullmatch(stale.name):
-                stale.unlink()
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, *error) -> None:
+        """Leaving the block without finish() aborts (see `abort`)."""
+        if not self._finished:
+            self.abort()
+
+    def _prepare_folder(self, overwrite: bool) -> Path:
+        """The folder to write the shards into, created and checked to be writable: `folder` itself
+        when it holds no complete dataset (an unfinished conversion's shards are deleted first), or a
+        new sibling NAME.partial-PID when it holds one and overwrite is set. NAME.partial-* folders
+        left by earlier conversions are deleted."""
+        real = Path(os.path.realpath(self.folder))             # a symlinked folder: swap the folder it names
+        remove_staged(real)
+        complete = (self.folder / MANIFEST).exists()
+        if complete and not overwrite:
+            raise FileExistsError(f"{self.folder} already holds a prepared dataset; pass --overwrite to "
+                                  f"replace it, or --verify to check it")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            probe_writable(self.folder)                         # swap_in also moves the user's files out of it
+        except OSError as error:
+            raise type(error)(f"cannot write to {self.folder}: {error.strerror or error}") from error
+        if not complete:
+            for stale in self.folder.glob("*.parquet*"):      # an unfinished conversion's shards, no other file
+                if SHARD_NAME.fullmatch(stale.name):
+                    stale.unlink()
+            return self.folder
+        staging = real.with_name(f"{real.name}.partial-{os.getpid()}")
+        try:
+            staging.mkdir()
+            shutil.copymode(real, staging)
+        except OSError as error:
+            raise type(error)(f"cannot write to {staging.parent} (the new dataset is written to {staging.name}, "
+                              f"then replaces {self.folder}): {error.strerror or error}") from error
+        return staging
 
     def add(self, split: str, x, y: np.ndarray, ids: Optional[np.ndarray] = None) -> None:
         """Append examples: x is N × shape (a tuple (image, text) for image+text), y their labels."""
@@ -373,7 +414,7 @@ class ShardWriter:
         while table.num_rows:
             if split not in self._open:
                 index = len(self.manifest.splits.get(split, []))
-                tmp = self.folder / f"{split}-{index:05d}.parquet.tmp"
+                tmp = self.staging / f"{split}-{index:05d}.parquet.tmp"
                 self._open[split] = (pq.ParquetWriter(tmp, self.schema), tmp, 0)
             writer, tmp, rows = self._open[split]
             take = min(table.num_rows, self.rows_per_shard - rows)
@@ -394,16 +435,79 @@ class ShardWriter:
 
     def finish(self, normalization: Optional[dict[str, Any]] = None) -> Manifest:
         """Close every shard and write the manifest, with `normalization` (see the module docstring;
-        `Moments.normalization()` computes it) or none."""
-        for split in list(self._open):
-            self._close(split)
-        self.manifest.normalization = normalization
-        problem = self.manifest.normalization_problem()
-        if problem:
-            raise ShardError(f"the normalization given for {self.folder}: {problem}")
-        self.manifest.save(self.folder)
+        `Moments.normalization()` computes it) or none; a replacement written beside the folder is read
+        back and swapped in (`swap_in`). An error before the swap aborts (see `abort`): a complete dataset
+        being replaced is kept as it was."""
+        try:
+            for split in list(self._open):
+                self._close(split)
+            self.manifest.normalization = normalization
+            problem = self.manifest.normalization_problem()
+            if problem:
+                raise ShardError(f"the normalization given for {self.folder}: {problem}")
+            self.manifest.save(self.staging)
+            if self.staging != self.folder:
+                Manifest.load(self.staging)
+        except BaseException:
+            self.abort()
+            raise
+        if self.staging != self.folder:
+            swap_in(self.staging, Path(os.path.realpath(self.folder)))
+        self._finished = True
         self._bar.close()
         return self.manifest
+
+    def abort(self) -> None:
+        """Delete what this writer wrote: the NAME.partial-PID folder, or (written in place) its shards,
+        and the folder too if this writer created it and nothing else is in it."""
+        for writer, tmp, _ in self._open.values():
+            writer.close()
+            tmp.unlink(missing_ok=True)
+        self._open.clear()
+        if self.staging != self.folder:
+            shutil.rmtree(self.staging, ignore_errors=True)
+        else:
+            for shards in self.manifest.splits.values():
+                for shard in shards:
+                    (self.folder / shard.file).unlink(missing_ok=True)
+            self.manifest.splits.clear()
+            if self._created and self.folder.is_dir() and not any(self.folder.iterdir()):
+                self.folder.rmdir()
+        self._bar.close()
+
+
+def remove_staged(folder: Path) -> None:
+    """Delete the NAME.partial-PID folders beside `folder` that earlier conversions into it left."""
+    for stale in folder.parent.glob(f"{glob.escape(folder.name)}.partial-*"):
+        if STAGED.fullmatch(stale.name[len(folder.name):]) and stale.is_dir():
+            shutil.rmtree(stale)
+
+
+def probe_writable(folder: Path) -> None:
+    """Raise OSError when no file can be created in `folder` (whatever its mode says: root writes to
+    any, and a read-only file system refuses every write)."""
+    with tempfile.TemporaryFile(dir=folder):
+        pass
+
+
+def swap_in(new: Path, folder: Path) -> None:
+    """Replace the dataset folder `folder` by its complete sibling `new`: two renames, `folder` to
+    NAME.replaced-PID and `new` to `folder`; then the entries of the old folder that are not its
+    dataset (the user's own files, another dataset inside it such as genomics' ood/) are moved into the
+    new one and the old dataset is deleted. If the second rename fails the first is undone. Between the
+    two renames (microseconds) `folder` does not exist: a process killed there leaves the old dataset,
+    complete, in NAME.replaced-PID, to be renamed back by hand (a new conversion ignores it)."""
+    old = folder.with_name(f"{folder.name}.replaced-{os.getpid()}")
+    os.rename(folder, old)
+    try:
+        os.rename(new, folder)
+    except OSError:
+        os.rename(old, folder)
+        raise
+    for entry in old.iterdir():
+        if entry.name != MANIFEST and not SHARD_NAME.fullmatch(entry.name):
+            os.rename(entry, folder / entry.name)
+    shutil.rmtree(old)
 
 
 # --------------------------------------------------------------------------------------------
