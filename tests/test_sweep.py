@@ -88,7 +88,10 @@ def test_a_killed_sweep_resumes_keeping_finished_trials_and_the_study_history(he
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resuming the digits sweep" in resumed.stdout
 
-    trials = pd.read_csv(sweep_dir / "digits.csv")               # the report, written at the end
+    table = pd.read_csv(sweep_dir / "digits.csv")                # the report, written at the end
+    assert list(table.loc[table["outcome"] == "baseline", "trial_id"]) == ["baseline: random-init encoder",
+                                                                          "baseline: raw-input probe"]
+    trials = table[table["outcome"] != "baseline"]
     assert len(trials) == TRIALS and set(trials["status"]) == {"TERMINATED"}, trials[["trial_id", "status"]]
     # Each trial ran to the final evaluation, or ASHA stopped it at its rung (step 10 of 20): how many
     # of each is up to the probes (test_report.py pins ASHA's choices with reports of its own).
