@@ -1,11 +1,14 @@
 """python tune/sweep.py [dataset=digits | datasets=[pamap2,higgs]] [sweep.num_samples=12] [key=value ...]
 
 Per-dataset hyperparameter sweeps: Ray Tune runs the trials, Optuna (TPE) proposes them, ASHA stops
-the bad ones early on the online probe, and the final linear evaluation is the objective.
+the bad ones early on the online probe, and the final linear evaluation's validation score is the
+objective (its test score is recorded and chooses nothing).
 
-    for each dataset:  Optuna study (SWEEP_DIR/optuna.db)  ──proposes──▶  trial = a Ray Train run
+    for each dataset:  the baselines (baselines.json: a random-init encoder, the raw inputs)
+                       Optuna study (SWEEP_DIR/optuna.db)  ──proposes──▶  trial = a Ray Train run
                        ASHA on the online probe             ◀──reports──   (its own workers, GPUs)
-    at the end:        SWEEP_DIR/report.md, <dataset>.csv, plots/ (tune/report.py)
+    at the end:        SWEEP_DIR/report.md, <dataset>.csv, plots/ (tune/report.py): the chosen
+                       configuration against the baselines, on the test split
 
 The search space is configs/sweep.yaml's `space`, replaced per dataset by configs/space/<dataset>.yaml;
 any config key joins it from the YAML or the command line (+space.train.lr={dist:loguniform,low:1e-4,high:1e-2}).
