@@ -61,9 +61,9 @@ def run(cfg: PretrainConfig) -> dict[str, dict]:
         run_config = RunConfig(cfg.dataset, cfg.model, objective, cfg.train)
         if cfg.trainer.ray:                              # the final report reaches the driver through Ray
             final = fit(run_config, cfg.probe, cfg.trainer, out_dir / method).metrics
-            results[method] = {"metric": cfg.dataset.metric, "method": cfg.probe.method,
-                               "validation": final["objective"], "test": final["test"], "train": final["fit"],
-                               "splits": split_names(cfg.dataset, cfg.probe)}
+            results[method] = ProbeResult(cfg.dataset.metric, cfg.probe.method, validation=final["objective"],
+                                          test=final["test"], train=final["fit"],
+                                          splits=split_names(cfg.dataset, cfg.probe)).summary()
         else:
             result = linear_probe(pretrain(run_config, data, out_dir / method), data, cfg.dataset, cfg.probe)
             result.test_predictions.save(out_dir / method / PREDICTIONS)

@@ -38,6 +38,18 @@ def tiny_model(kind: str, dtype=torch.float64, seed: int = 0, dropout: float = 0
     return MetaMAE(SPECS[kind], replace(TINY, dropout=dropout), ObjectiveConfig(**objective)).to(dtype)
 
 
+@pytest.fixture(scope="module")
+def local_ray(request):
+    """A local Ray of 2 CPUs for a test module, whose functions its workers unpickle by value (they
+    cannot import a test module)."""
+    import ray
+    from ray import cloudpickle
+    ray.init(num_cpus=2, log_to_driver=False)
+    cloudpickle.register_pickle_by_value(request.module)
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture(params=sorted(SPECS))
 def kind(request):
     return request.param

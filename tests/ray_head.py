@@ -3,9 +3,11 @@ machine neither see nor disturb it, stopped by killing the processes of its sess
 --force` does, for this head only: `ray stop` would stop every Ray on the machine)."""
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +34,20 @@ def kill_session(session: int) -> None:
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.5)
     assert not session_pids(session), f"processes of session {session} are left"
+
+
+@contextlib.contextmanager
+def two_cpu_head(prefix: str, port: int, dashboard_port: int):
+    """A head of 2 CPUs on 127.0.0.1 with the dashboard on and token authentication off (a test's):
+    yields the environment its clients run in and its temp folder, removed once the head is gone."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))           # short: Ray's socket paths must fit 107 bytes
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    try:
+        with ray_head(work, env, port, dashboard_port, "--num-cpus=2", "--node-ip-address=127.0.0.1"):
+            yield env, work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -4,9 +4,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import ray
 import torch
-from ray import cloudpickle, tune
+from ray import tune
 
 from metamae.config import DatasetConfig
 from metamae.data.synthetic import synthetic
@@ -53,14 +52,6 @@ def test_a_collapsed_encoder_is_flagged_and_a_fresh_one_is_not():
     health = Health()
     health.probed(collapsed.feature_spread)
     assert health.read()["collapsed"] == 1.0 and unhealthy(health.read()) == ["collapsed"]
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, log_to_driver=False)
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])   # workers cannot import a test module
-    yield
-    ray.shutdown()
 
 
 def reports_support_rising_from_step_3(config):

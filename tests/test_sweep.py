@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ import optuna
 import pandas as pd
 import pytest
 
-from ray_head import RAY, ray_head
+from ray_head import RAY, two_cpu_head
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tune"))
@@ -35,11 +34,7 @@ TRIALS = 6                                      # in the killed sweep: 4 run at 
 
 @pytest.fixture(scope="module")
 def head():
-    """A head of 2 CPUs with the dashboard on and token authentication off (127.0.0.1, a test)."""
-    work = Path(tempfile.mkdtemp(prefix="raysweep-"))      # short: Ray's socket paths must fit 107 bytes
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    with ray_head(work, env, PORT, DASHBOARD_PORT, "--num-cpus=2", "--node-ip-address=127.0.0.1"):
+    with two_cpu_head("raysweep-", PORT, DASHBOARD_PORT) as (env, work):
         yield env, work
 
 

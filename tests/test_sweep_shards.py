@@ -7,12 +7,9 @@ of the head taken; a sweep whose trial no node can hold fails before any trial s
 one trial asks for and what the cluster has. Without Ray: the resource planning (tune/sweep.py:
 trial_resources, concurrent_trials) and the check of a run that streams on free CPUs."""
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +19,7 @@ from ray import cloudpickle
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from ray_head import ray_head
+from ray_head import two_cpu_head
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tune"))
@@ -137,13 +134,8 @@ def test_a_run_streaming_on_free_cpus_must_leave_a_node_a_whole_cpu_for_ray_data
 
 @pytest.fixture(scope="module")
 def head():
-    """A head of 2 CPUs with the dashboard on and token authentication off (127.0.0.1, a test)."""
-    work = Path(tempfile.mkdtemp(prefix="rayshards-"))     # short: Ray's socket paths must fit 107 bytes
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    with ray_head(work, env, PORT, DASHBOARD_PORT, "--num-cpus=2", "--node-ip-address=127.0.0.1"):
+    with two_cpu_head("rayshards-", PORT, DASHBOARD_PORT) as (env, _):
         yield {**env, "RAY_ADDRESS": f"127.0.0.1:{PORT}"}
-    shutil.rmtree(work, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -8,15 +8,13 @@ The last three end a trial whose process dies, and stop one with Tune, at its la
 its (stand-in) Train run ends, and its reservation with the autoscaler goes with it.
 """
 import os
-import sys
 import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
 import ray
-from ray import cloudpickle, tune
+from ray import tune
 from ray.data._internal.cluster_autoscaler import get_or_create_autoscaling_coordinator
 from ray.train import Checkpoint
 from ray.util.state import list_actors
@@ -94,14 +92,6 @@ def fails_after_one_report(config):
         callback.after_report(RUN, [{"i": 0}], None)
         raise FloatingPointError("total loss is NaN at step 10")
     report_to_tune(train_run)
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, log_to_driver=False)
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])   # workers cannot import a test module
-    yield
-    ray.shutdown()
 
 
 def run(trial, space, tmp_path):

@@ -188,11 +188,7 @@ class TrialResources:
     workers: tuple[dict[str, float], ...]
 
     def total(self) -> dict[str, float]:
-        total: dict[str, float] = {}
-        for bundle in (*self.trial, *self.workers):
-            for kind, amount in bundle.items():
-                total[kind] = total.get(kind, 0.0) + amount
-        return total
+        return summed((*self.trial, *self.workers))
 
     def placement(self) -> tune.PlacementGroupFactory:
         """The trial's own bundles for tune.with_resources: [driver] or [driver, data] (DATA_BUNDLE)."""
@@ -217,6 +213,15 @@ def trial_resources(cfg: SweepJobConfig) -> TrialResources:
     return TrialResources(tuple(trial), (worker,) * cfg.trainer.num_workers)
 
 
+def summed(bundles) -> dict[str, float]:
+    """The resources of several bundles added up, kind by kind."""
+    total: dict[str, float] = {}
+    for bundle in bundles:
+        for kind, amount in bundle.items():
+            total[kind] = total.get(kind, 0.0) + amount
+    return total
+
+
 def amounts(resources: dict[str, float]) -> str:
     """{'CPU': 2.0, 'GPU': 0.0} -> '2 CPU, 0 GPU'."""
     return ", ".join(f"{amount:.4g} {kind}" for kind, amount in resources.items())
@@ -236,10 +241,7 @@ def trials_that_fit(resources: TrialResources, nodes: list[dict[str, float]], mo
                 return True
         return False
 
-    own = {}
-    for bundle in resources.trial:                  # STRICT_PACK: the trial's bundles as one
-        for kind, amount in bundle.items():
-            own[kind] = own.get(kind, 0.0) + amount
+    own = summed(resources.trial)                   # STRICT_PACK: the trial's bundles as one
     largest_first = lambda bundle: (bundle.get("GPU", 0.0), bundle.get("CPU", 0.0))
     for held in range(most):
         if not all(place(bundle) for bundle in sorted([own, *resources.workers], key=largest_first, reverse=True)):
@@ -294,10 +296,10 @@ def concurrent_trials(cfg: SweepJobConfig, nodes: Optional[list[dict[str, float]
 # --------------------------------------------------------------------------------------------
 
 def sweep_dataset(cfg: SweepJobConfig, base: dict[str, Any], space: dict[str, Any], sweep_dir: str,
-                  storage: str, concurrency: Optional[int] = None) -> tune.ResultGrid:
+                  storage: str, concurrency: int) -> tune.ResultGrid:
     """One dataset's study: a new Tuner, or the restored one of a sweep that was stopped. Its trials
     hold their drivers' and data pipelines' bundles (trial_resources); `concurrency` trials run at
-    once (default: concurrent_trials)."""
+    once (concurrent_trials)."""
     name = cfg.dataset.name
     experiment = os.path.join(sweep_dir, name)
     trial = tune.with_parameters(run_trial, base=base, runs_dir=os.path.join(experiment, "runs"))
@@ -323,7 +325,7 @@ def sweep_dataset(cfg: SweepJobConfig, base: dict[str, Any], space: dict[str, An
     tuner = tune.Tuner(
         trainable, param_space=space,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=cfg.sweep.num_samples,
-                                    max_concurrent_trials=concurrency or concurrent_trials(cfg)),
+                                    max_concurrent_trials=concurrency),
         run_config=tune.RunConfig(storage_path=sweep_dir, name=name, callbacks=[CancelTrainReservations()],
                                   stop=StopUnhealthy(cfg.sweep.grace_period) if cfg.sweep.stop_unhealthy else None,
                                   failure_config=tune.FailureConfig(max_failures=cfg.sweep.trial_retries)))
