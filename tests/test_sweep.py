@@ -71,13 +71,15 @@ def test_a_killed_sweep_resumes_keeping_finished_trials_and_the_study_history(he
             os.killpg(driver.pid, signal.SIGKILL)                # the driver, as a lost head node would
         driver.wait()
     before = {t.number: (t.state, t.value) for t in study_trials(sweep_dir) if t.state.is_finished()}
-    # The stopped sweep's report has its baselines, probed before the first trial, and says how the
-    # best trial so far fares against them.
+    # The stopped sweep's report has its baselines, probed before the first trial, in its first line:
+    # against the best trial so far, or, where Tune's last snapshot before the kill holds no finished
+    # trial yet (it lags the Optuna study by seconds), on their own.
     baselines = json.loads((sweep_dir / "digits" / "baselines.json").read_text())["probes"]
     assert set(baselines) == {"random_init", "raw_input"} and baselines["raw_input"]["test"] > 0.9
     stopped = write_report(sweep_dir).read_text().splitlines()[2]
-    assert stopped.startswith("**digits: the chosen configuration ") and "chosen on its validation accuracy" in stopped
-    assert f"against the raw-input probe (test {baselines['raw_input']['test']:.4f})" in stopped
+    assert stopped.startswith("**digits") and "random-init encoder" in stopped, stopped
+    assert f"raw-input probe (test {baselines['raw_input']['test']:.4f})" in stopped or \
+           f"raw-input probe test {baselines['raw_input']['test']:.4f}" in stopped, stopped
 
     resumed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
