@@ -47,7 +47,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ValueError(f"checkpoint {path} could not be read ({error}); it may be truncated or not a "
+        reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        raise ValueError(f"checkpoint {path} could not be read ({reason[:200]}); it may be truncated or not a "
                          f"MetaMAE checkpoint") from error
 
 

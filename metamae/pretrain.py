@@ -60,7 +60,7 @@ def run(cfg: PretrainConfig) -> dict[str, dict]:
         objective = dataclasses.replace(cfg.objective, method=method)
         run_config = RunConfig(cfg.dataset, cfg.model, objective, cfg.train)
         if cfg.trainer.ray:                              # the final report reaches the driver through Ray
-            final = fit(run_config, cfg.probe, cfg.trainer, out_dir / method).metrics
+            final = fit(run_config, cfg.probe, cfg.trainer, out_dir / method, stop_on_sigterm=True).metrics
             results[method] = ProbeResult(cfg.dataset.metric, cfg.probe.method, validation=final["objective"],
                                           test=final["test"], train=final["fit"],
                                           splits=split_names(cfg.dataset, cfg.probe)).summary()
@@ -85,12 +85,14 @@ def run(cfg: PretrainConfig) -> dict[str, dict]:
 
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="pretrain")
 def main(cfg: DictConfig) -> None:
-    """The command: Ctrl-C of the plain loop keeps a checkpoint, says where, and exits 130."""
+    """The command: Ctrl-C of the plain loop, or SIGTERM of a Ray Train run, keeps a checkpoint of the
+    last finished step, says where in one line, and exits 130 (SIGINT) or 143 (SIGTERM)."""
     try:
         run(to_object(cfg))
     except Interrupted as stop:
-        print(stop, file=sys.stderr, flush=True)
-        sys.exit(130)
+        print(f"{stop}; the same command with out_dir={Path(cfg.out_dir).resolve()} resumes from it",
+              file=sys.stderr, flush=True)
+        sys.exit(stop.exit_code)
 
 
 register()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import math
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,12 @@ class NonFiniteLoss(FloatingPointError):
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C stopped pretraining; the last finished step's checkpoint is saved, which the message names."""
+    """A signal stopped pretraining (Ctrl-C; SIGTERM of a Ray Train run); the last finished step's
+    checkpoint is saved, which the message names. `exit_code` is the shell's for that signal: 128 + its number."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.exit_code = 128 + signum
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3      # mallopt's parameters, from glibc's malloc.h
@@ -170,7 +176,7 @@ def pretrain(run: RunConfig, data: Dataset, out_dir: Path, log: bool = True) -> 
         if done > saved:
             save_checkpoint(out_dir / FILENAME, model, optimizer, done, run.to_dict())
         raise Interrupted(f"interrupted after step {done}: the checkpoint at {out_dir / FILENAME} holds step "
-                          f"{max(done, saved)}; the same command with out_dir={out_dir} resumes from it") from None
+                          f"{max(done, saved)}") from None
     finally:
         writer.close()
     return model

@@ -187,6 +187,25 @@ def test_a_nan_loss_stops_every_worker_naming_step_and_term_and_keeps_the_last_c
     assert load_checkpoint(tmp_path)["step"] == 10
 
 
+def test_a_resume_whose_latest_checkpoint_is_corrupt_falls_back_to_the_newest_intact_one(local_ray, tmp_path):
+    fit(run_config(6, 2), QUICK_PROBE, trainer(1, keep_checkpoints=3), tmp_path)
+    for step, cut in [(6, 100), (4, 0)]:       # the latest truncated, the one before it emptied
+        path = tmp_path / f"checkpoint_{step:08d}" / FILENAME
+        path.write_bytes(path.read_bytes()[:cut])
+    again = fit(run_config(6, 2), QUICK_PROBE, trainer(1, keep_checkpoints=3, max_failures=0), tmp_path)
+    assert again.metrics["resumed_from_step"] == 2 and again.metrics["step"] == 6
+    assert load_checkpoint(tmp_path)["step"] == 6               # written again, whole
+
+
+def test_a_run_none_of_whose_checkpoints_can_be_read_fails_naming_each(local_ray, tmp_path):
+    fit(run_config(4, 2), QUICK_PROBE, trainer(1), tmp_path)
+    for step in (2, 4):
+        (tmp_path / f"checkpoint_{step:08d}" / FILENAME).write_bytes(b"not a checkpoint")
+    with pytest.raises(Exception, match=r"UnreadableCheckpoints: no checkpoint of this run can be read "
+                                        r"\(checkpoint_00000004, checkpoint_00000002 in .*another out_dir"):
+        fit(run_config(4, 2), QUICK_PROBE, trainer(1, max_failures=0), tmp_path)
+
+
 def test_a_request_the_cluster_cannot_hold_fails_at_once_saying_what_was_asked_and_what_exists(local_ray, tmp_path):
     started = time.time()
     with pytest.raises(ResourceRequestError, match=r"asks for 4 workers of \{'CPU': 1\.0\}.*hold 2"):

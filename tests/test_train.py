@@ -241,4 +241,27 @@ def test_ctrl_c_of_the_plain_loop_keeps_a_checkpoint_says_where_and_exits_130(tm
     [line] = [line for line in stderr.splitlines() if line.startswith("interrupted after step")]
     step = int(line.split()[3].rstrip(":"))
     assert step >= 5 and f"the checkpoint at {tmp_path / 'metamae' / 'checkpoint.pt'} holds step {step}" in line
+    assert line.endswith(f"the same command with out_dir={tmp_path} resumes from it")
+    assert load_checkpoint(tmp_path / "metamae")["step"] == step
+
+
+def test_sigterm_of_a_ray_train_run_stops_its_workers_with_a_checkpoint_and_exits_143(tmp_path):
+    """A real driver on its own local Ray, sent SIGTERM (as `kill` or a scheduler's preemption does)
+    once its worker has reported: the workers save the step they finished and the driver exits 143."""
+    command = [sys.executable, "-m", "metamae.pretrain", "model=tiny", "train.steps=100000", "train.log_every=10",
+               "train.checkpoint_every=100000", "trainer.probe_every=0", f"out_dir={tmp_path}"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in process.stderr:                                   # Ray forwards the worker's first report
+        lines.append(line)
+        if "Reporting training result 1" in line:
+            break
+    process.send_signal(signal.SIGTERM)
+    stderr = "".join(lines) + process.communicate(timeout=180)[1]
+    assert process.returncode == 143, stderr[-3000:]
+    assert "Traceback" not in stderr and "Aborted" not in stderr
+    [line] = [line for line in stderr.splitlines() if line.startswith("stopped by SIGTERM after step")]
+    step = int(line.split()[5].rstrip(":"))
+    assert step >= 10 and f"its checkpoint is {tmp_path / 'metamae' / f'checkpoint_{step:08d}'}" in line
+    assert line.endswith(f"the same command with out_dir={tmp_path} resumes from it")
     assert load_checkpoint(tmp_path / "metamae")["step"] == step

@@ -17,12 +17,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
+import pyarrow.fs
 import ray
 import ray.train
 import torch
@@ -41,7 +44,7 @@ from metamae.health import Health
 from metamae.linear_eval import PREDICTIONS, linear_probe, online_probe
 from metamae.model import Losses, MetaMAE
 from metamae.modality import to_device
-from metamae.train import (NonFiniteLoss, RunConfig, check_finite, check_same_run, compile_loss,
+from metamae.train import (Interrupted, NonFiniteLoss, RunConfig, check_finite, check_same_run, compile_loss,
                            configure_process, make_optimizer, pretrain_inputs, restore_optimizer)
 
 PRETRAIN = "pretrain"                  # the Ray Data dataset name the workers read
@@ -58,11 +61,13 @@ class ResourceRequestError(RuntimeError):
 # --------------------------------------------------------------------------------------------
 
 def fit(run: RunConfig, probe: ProbeConfig, trainer: TrainerConfig, out_dir: Path,
-        callbacks: Sequence[Any] = ()) -> ray.train.Result:
+        callbacks: Sequence[Any] = (), stop_on_sigterm: bool = False) -> ray.train.Result:
     """Pretrain with Ray Train into `out_dir`, evaluate, and return the Train result.
 
     The same out_dir resumes from its latest checkpoint. `callbacks` are Ray Train run callbacks
-    (a Tune trial passes one that hands the reports to Tune, tune_reports.py).
+    (a Tune trial passes one that hands the reports to Tune, tune_reports.py). With
+    `stop_on_sigterm` (a command's main thread), SIGTERM stops the workers after their current step
+    with a checkpoint of it, and fit raises Interrupted naming it.
     """
     out_dir = Path(out_dir).resolve()
     if run.dataset.batch_size % trainer.num_workers:
@@ -83,21 +88,61 @@ def fit(run: RunConfig, probe: ProbeConfig, trainer: TrainerConfig, out_dir: Pat
                                          StreamConfig(batch_size=run.dataset.batch_size), seed=run.train.seed,
                                          within=within)}
     storage = trainer.storage or str(out_dir.parent)
-    result = TorchTrainer(
-        worker_loop,
-        train_loop_config={"run": run, "probe": probe, "trainer": trainer, "out_dir": str(out_dir)},
-        scaling_config=scaling,
-        datasets=datasets,
-        run_config=ray.train.RunConfig(
-            name=out_dir.name, storage_path=storage, callbacks=list(callbacks),
-            failure_config=FailureConfig(max_failures=trainer.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=trainer.keep_checkpoints,
-                                               checkpoint_score_attribute="step", checkpoint_score_order="max")),
-    ).fit()
-    if "error" in (result.return_value or {}):
-        kept = result.checkpoint.path if result.checkpoint else "none was saved"
-        raise NonFiniteLoss(f"{result.return_value['error']}: {kept}")
+    stop = StopRequest.remote() if stop_on_sigterm else None
+    with sigterm_requests(stop):
+        result = TorchTrainer(
+            worker_loop,
+            train_loop_config={"run": run, "probe": probe, "trainer": trainer, "out_dir": str(out_dir), "stop": stop},
+            scaling_config=scaling,
+            datasets=datasets,
+            run_config=ray.train.RunConfig(
+                name=out_dir.name, storage_path=storage, callbacks=list(callbacks),
+                failure_config=FailureConfig(max_failures=trainer.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=trainer.keep_checkpoints,
+                                                   checkpoint_score_attribute="step", checkpoint_score_order="max")),
+        ).fit()
+    ended = result.return_value or {}
+    kept = result.checkpoint.path if result.checkpoint else "none was saved"
+    if "error" in ended:
+        raise NonFiniteLoss(f"{ended['error']}: {kept}")
+    if "stopped" in ended:
+        raise Interrupted(f"stopped by SIGTERM after step {ended['step']}: its checkpoint is {kept}", signal.SIGTERM)
     return result
+
+
+@ray.remote(num_cpus=0)
+class StopRequest:
+    """Set by the driver when it receives SIGTERM; the workers ask it between steps (StopPoll)."""
+
+    def __init__(self):
+        self.requested = False
+
+    def request(self) -> None:
+        self.requested = True
+
+    def is_requested(self) -> bool:
+        return self.requested
+
+
+@contextlib.contextmanager
+def sigterm_requests(stop: Optional[ray.actor.ActorHandle]) -> Iterator[None]:
+    """While the block runs, SIGTERM sets `stop` (once; a second SIGTERM ends the process at once);
+    nothing changes without a `stop`."""
+    if stop is None:
+        yield
+        return
+
+    def request(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        print("SIGTERM: stopping after the current step, with a checkpoint of it (SIGTERM again ends at once)",
+              file=sys.stderr, flush=True)
+        stop.request.remote()
+
+    previous = signal.signal(signal.SIGTERM, request)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def check_request_fits(scaling: ScalingConfig, data_cpus: float = 0.0) -> None:
@@ -157,7 +202,8 @@ def held_by_this_process() -> dict[str, dict[str, float]]:
 def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     """One Ray Train worker: pretrain its slice of every global batch, report, checkpoint, evaluate.
 
-    Returns the last metrics it reported, or {'error': ...} for a NaN loss (rank 0's reaches the driver).
+    Returns the last metrics it reported, {'error': ...} for a NaN loss, or {'stopped': ...} when the
+    driver asked it to stop (rank 0's reaches the driver).
     """
     run, probe, trainer = config["run"], config["probe"], config["trainer"]
     out_dir, cfg = Path(config["out_dir"]), run.train
@@ -192,6 +238,7 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     batches = worker_batches(data, run, rank, world, step)
     local_batch = run.dataset.batch_size // world
     timer, metrics, health = Throughput(), {"step": step}, Health()
+    stop = StopPoll(config["stop"], world, device)
     try:
         while step < cfg.steps:
             x = timer.wait_for(batches)
@@ -212,6 +259,10 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
             health.step(scalars)
 
             last = step == cfg.steps
+            if not last and stop.requested():                     # SIGTERM: every worker stops here
+                metrics = {"step": step, "resumed_from_step": resumed_from, **scalars, **timer.read()}
+                report(metrics, model, optimizer, step, run, best, rank, with_checkpoint=True)
+                return {"step": step, "stopped": "SIGTERM"}
             probe_now = last or (trainer.probe_every and step % trainer.probe_every == 0)
             checkpoint_now = last or step % cfg.checkpoint_every == 0
             if not (last or probe_now or checkpoint_now or step % cfg.log_every == 0):
@@ -270,16 +321,46 @@ def report(metrics: dict[str, float], model: MetaMAE, optimizer, step: int, run:
 
 
 def restore(checkpoint: Optional[Checkpoint], model: MetaMAE, run: RunConfig) -> dict[str, Any]:
-    """Load Ray Train's latest checkpoint (after a failure, or a re-run of the same run folder)."""
+    """Load Ray Train's latest checkpoint (after a failure, or a re-run of the same run folder), or,
+    where it cannot be read, the newest one beside it that can, saying which."""
     if checkpoint is None:
         return {"step": 0, "best_probe": None, "optimizer": None, "metrics": None}
-    with checkpoint.as_directory() as folder:
-        saved = load_checkpoint(Path(folder) / FILENAME)
-    check_same_run(saved["config"], run, f"the checkpoint at {checkpoint.path}")
-    model.load_state_dict(saved["model"])
-    print(f"resuming from {checkpoint.path} at step {saved['step']}", flush=True)
-    return {"step": saved["step"], "best_probe": saved.get("best_probe"), "optimizer": saved["optimizer"],
-            "metrics": saved.get("metrics")}
+    unreadable = []
+    for candidate in newest_first(checkpoint):
+        try:
+            with candidate.as_directory() as folder:
+                saved = load_checkpoint(Path(folder) / FILENAME)
+        except (ValueError, FileNotFoundError) as error:
+            print(f"cannot resume from {candidate.path}: {error}", flush=True)
+            unreadable.append(os.path.basename(candidate.path))
+            continue
+        check_same_run(saved["config"], run, f"the checkpoint at {candidate.path}")
+        model.load_state_dict(saved["model"])
+        if unreadable:
+            print("resuming from the newest intact checkpoint instead", flush=True)
+        print(f"resuming from {candidate.path} at step {saved['step']}", flush=True)
+        return {"step": saved["step"], "best_probe": saved.get("best_probe"), "optimizer": saved["optimizer"],
+                "metrics": saved.get("metrics")}
+    raise UnreadableCheckpoints(
+        f"no checkpoint of this run can be read ({', '.join(unreadable)} in {os.path.dirname(checkpoint.path)}; "
+        f"the worker's log says why for each): move the run folder aside to start again, or choose another out_dir")
+
+
+class UnreadableCheckpoints(RuntimeError):
+    """Every checkpoint of a run to be resumed is truncated or corrupt."""
+
+
+def newest_first(latest: Checkpoint) -> Iterator[Checkpoint]:
+    """Ray Train's latest checkpoint, then the older ones in its folder (checkpoint_<step>, see report),
+    newest first: local or in a bucket, through the checkpoint's own filesystem."""
+    yield latest
+    parent, name = os.path.split(latest.path.rstrip("/"))
+    listed = latest.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
+    older = sorted((info.path for info in listed if info.type == pyarrow.fs.FileType.Directory
+                    and os.path.basename(info.path).startswith("checkpoint_")
+                    and os.path.basename(info.path) < name), reverse=True)
+    for path in older:
+        yield Checkpoint(path, filesystem=latest.filesystem)
 
 
 def best_probe_so_far(out_dir: Path, run: RunConfig, restored: Optional[float]) -> Optional[float]:
@@ -347,6 +428,27 @@ def mean_over_workers(losses: Losses, world: int, device) -> dict[str, float]:
     values = torch.tensor(list(scalars.values()), dtype=torch.float64, device=device)
     torch.distributed.all_reduce(values)
     return dict(zip(scalars, (values / world).tolist()))
+
+
+class StopPoll:
+    """Whether the run's driver asked it to stop (StopRequest; never without one), agreed by every
+    worker at the same step: the request is asked for at most every `every_s` seconds, and the
+    workers' answers are combined at each step (any one that has seen it stops them all)."""
+
+    def __init__(self, request: Optional[ray.actor.ActorHandle], world: int, device, every_s: float = 0.5):
+        self.request, self.world, self.device, self.every_s = request, world, device, every_s
+        self.seen, self.asked = False, 0.0
+
+    def requested(self) -> bool:
+        if self.request is None:
+            return False
+        if not self.seen and time.monotonic() - self.asked >= self.every_s:
+            self.seen, self.asked = ray.get(self.request.is_requested.remote()), time.monotonic()
+        if self.world == 1:
+            return self.seen
+        flag = torch.tensor([float(self.seen)], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 class Throughput:
