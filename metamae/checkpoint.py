@@ -5,6 +5,7 @@ a half-written checkpoint; read with `torch.load(weights_only=True)`, which runs
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,8 +26,10 @@ def save_checkpoint(path: Path, model: MetaMAE, optimizer: Optional[torch.optim.
     payload = {"model": model.state_dict(), "step": step, "config": config, "version": __version__,
                "optimizer": optimizer.state_dict() if optimizer is not None else None,
                "torch_rng": torch.get_rng_state(), **extra}
+    serialized = io.BytesIO()            # whole before a byte is written: a full disk is then a plain OSError
+    torch.save(payload, serialized)
     with atomic_file(path) as f:
-        torch.save(payload, f)
+        f.write(serialized.getbuffer())
     return Path(path)
 
 

@@ -108,6 +108,7 @@ class TrainerConfig:
     max_failures: int = 2              # worker failures recovered from the latest checkpoint
     check_resources: bool = True       # refuse a request the cluster cannot hold; false where it autoscales
     storage: Optional[str] = None      # where checkpoints persist (local folder or pyarrow URI); None: out_dir
+    progress_bars: bool = False        # Ray Data's progress bars for streamed shards (hundreds of lines a run)
 
     def __post_init__(self):
         if self.num_workers < 1:

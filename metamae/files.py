@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator
@@ -19,6 +21,14 @@ def atomic_file(path: Path, mode: str = "wb") -> Iterator[IO]:
         with os.fdopen(fd, mode) as f:
             yield f
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise DiskFull(error.errno, f"no space left to write {path} ({shutil.disk_usage(path.parent).free} "
+                                        f"bytes free there): free some space or write elsewhere; what was there "
+                                        f"before is kept") from None
         raise
+
+
+class DiskFull(OSError):
+    """A file could not be written whole for want of space; the file it was to replace is unchanged."""

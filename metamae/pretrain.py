@@ -20,10 +20,11 @@ from omegaconf import DictConfig
 
 from metamae.config import CONFIG_DIR, ExperimentConfig, PretrainConfig, register, to_object
 from metamae.data import Dataset, load_dataset
-from metamae.distributed.trainer import RESULTS, default_environment, fit
+from metamae.distributed.trainer import RESULTS, connect_ray, fit
 from metamae.linear_eval import PREDICTIONS, ProbeResult, linear_probe, raw_input_probe, split_names
 from metamae.model import MetaMAE
-from metamae.train import Interrupted, RunConfig, pretrain
+from metamae.files import DiskFull
+from metamae.train import Interrupted, NonFiniteLoss, RunConfig, pretrain
 
 
 def random_init_encoder(data: Dataset, cfg: ExperimentConfig) -> MetaMAE:
@@ -52,8 +53,7 @@ def run(cfg: PretrainConfig) -> dict[str, dict]:
     data, dataset = load_dataset(cfg.dataset, seed=cfg.train.seed)
     cfg = dataclasses.replace(cfg, dataset=dataset)
     if cfg.trainer.ray and not ray.is_initialized():
-        default_environment()
-        ray.init()                      # a local Ray, or the cluster that RAY_ADDRESS names
+        connect_ray()
     methods = ["metamae", "mae"] if cfg.baselines else [cfg.objective.method]
     results = {}
     for method in methods:
@@ -86,13 +86,16 @@ def run(cfg: PretrainConfig) -> dict[str, dict]:
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="pretrain")
 def main(cfg: DictConfig) -> None:
     """The command: Ctrl-C of the plain loop, or SIGTERM of a Ray Train run, keeps a checkpoint of the
-    last finished step, says where in one line, and exits 130 (SIGINT) or 143 (SIGTERM)."""
+    last finished step, says where in one line, and exits 130 (SIGINT) or 143 (SIGTERM); a full disk
+    or a NaN loss is one line too, and exit 1."""
     try:
         run(to_object(cfg))
     except Interrupted as stop:
         print(f"{stop}; the same command with out_dir={Path(cfg.out_dir).resolve()} resumes from it",
               file=sys.stderr, flush=True)
         sys.exit(stop.exit_code)
+    except (DiskFull, NonFiniteLoss) as error:         # the message names the file or step, and what is kept
+        sys.exit(f"error: {error}")
 
 
 register()

@@ -11,7 +11,7 @@ from ray import cloudpickle, tune
 from metamae.data.converters import custom
 from metamae.data.shards import ShardDataset, ShardError, ShardWriter
 from metamae.data.synthetic import synthetic
-from metamae.distributed.stream import RayShardDataset, StreamConfig
+from metamae.distributed.stream import RayShardDataset, StreamConfig, read_split
 from tests.conftest import SPECS
 
 
@@ -51,6 +51,21 @@ def test_ray_data_streams_every_row_decoded_in_a_seeded_order(local_ray, tmp_pat
     assert sorted(labels(0).tolist()) == sorted(data.train.y.tolist())
     assert np.array_equal(labels(0), labels(0)) and not np.array_equal(labels(0), labels(1))
     assert all(len(y) == 32 for _, y in stream.stream("train", 32, seed=0, drop_last=True))
+
+
+def test_a_streams_settings_are_its_own_and_its_progress_bars_are_off_unless_asked_for(local_ray, tmp_path):
+    prepare(tmp_path)
+    process = ray.data.DataContext.get_current()
+    before = (process.enable_progress_bars, process.execution_options.preserve_order,
+              process.execution_options.resource_limits.cpu)
+    quiet = read_split(tmp_path, "train", StreamConfig(cpu_limit=1), seed=0)
+    shown = read_split(tmp_path, "train", StreamConfig(progress_bars=True))
+    assert not quiet.context.enable_progress_bars and shown.context.enable_progress_bars
+    assert quiet.context.execution_options.preserve_order and not shown.context.execution_options.preserve_order
+    assert quiet.context.execution_options.resource_limits.cpu == 1
+    assert (process.enable_progress_bars, process.execution_options.preserve_order,
+            process.execution_options.resource_limits.cpu) == before
+    assert quiet.count() == 300
 
 
 def test_a_corrupt_shard_is_refused_before_streaming_starts(local_ray, tmp_path):

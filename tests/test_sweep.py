@@ -118,6 +118,8 @@ def test_ray_job_submit_runs_a_sweep_to_succeeded_with_its_progress_in_the_job_l
     logs = subprocess.run([RAY, "job", "logs", "--address", address, job_id], env=env, capture_output=True,
                           text=True, timeout=60).stdout
     assert "Trial status" in logs and "digits: best validation score" in logs
+    header = [line for line in logs.splitlines() if "Trial name" in line][-1]     # once trials have reported
+    assert " step " in header and " probe " in header, header    # Tune's table shows the online probe
     assert (tmp_path / "job" / "report.md").is_file()
 
 

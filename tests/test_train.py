@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from ray_head import RAY
+
 from metamae.checkpoint import FILENAME, load_checkpoint, model_from_checkpoint
 from metamae.config import DatasetConfig, EvaluateConfig, ProbeConfig, TrainConfig
 from metamae.data import load_dataset
@@ -250,12 +252,19 @@ def test_sigterm_of_a_ray_train_run_stops_its_workers_with_a_checkpoint_and_exit
     once its worker has reported: the workers save the step they finished and the driver exits 143."""
     command = [sys.executable, "-m", "metamae.pretrain", "model=tiny", "train.steps=100000", "train.log_every=10",
                "train.checkpoint_every=100000", "trainer.probe_every=0", f"out_dir={tmp_path}"]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    stdout = tmp_path / "stdout.txt"
+    with stdout.open("w") as out:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.PIPE, text=True)
     lines = []
     for line in process.stderr:                                   # Ray forwards the worker's first report
         lines.append(line)
         if "Reporting training result 1" in line:
             break
+    # the local Ray's first line says how to inspect it from another shell, and that works
+    [hint] = [line for line in stdout.read_text().splitlines() if line.startswith("local Ray at ")]
+    status = subprocess.run(hint.split("from another shell: ")[1].replace("ray status", f"{RAY} status"),
+                            shell=True, capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0 and "Resources" in status.stdout, status.stderr[-2000:]
     process.send_signal(signal.SIGTERM)
     stderr = "".join(lines) + process.communicate(timeout=180)[1]
     assert process.returncode == 143, stderr[-3000:]
@@ -265,3 +274,32 @@ def test_sigterm_of_a_ray_train_run_stops_its_workers_with_a_checkpoint_and_exit
     assert step >= 10 and f"its checkpoint is {tmp_path / 'metamae' / f'checkpoint_{step:08d}'}" in line
     assert line.endswith(f"the same command with out_dir={tmp_path} resumes from it")
     assert load_checkpoint(tmp_path / "metamae")["step"] == step
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+    """A 4 MiB tmpfs: room for one checkpoint of the tiny model (2.5 MB) and its events, not for two."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if made.returncode != 0:
+        pytest.skip(f"a full disk is simulated by a tmpfs, which this user cannot mount: {made.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_keeps_the_last_checkpoint(tiny_filesystem):
+    done = cli("metamae.pretrain", "trainer.ray=false", "model=tiny", "train.steps=20", "train.checkpoint_every=20",
+               f"out_dir={tiny_filesystem}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    first = load_checkpoint(tiny_filesystem / "metamae")
+    full = cli("metamae.pretrain", "trainer.ray=false", "model=tiny", "train.steps=40", "train.checkpoint_every=20",
+               f"out_dir={tiny_filesystem}")
+    assert full.returncode == 1 and "Traceback" not in full.stderr
+    path = tiny_filesystem / "metamae" / FILENAME
+    assert full.stderr.strip().splitlines()[-1].startswith(f"error: [Errno 28] no space left to write {path} (")
+    kept = load_checkpoint(tiny_filesystem / "metamae")
+    assert kept["step"] == first["step"] == 20 and all(torch.equal(first["model"][k], v)
+                                                       for k, v in kept["model"].items())
+    assert [p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")] == []

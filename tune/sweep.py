@@ -39,7 +39,7 @@ from ray.tune.search.optuna import OptunaSearch
 from metamae.config import CONFIG_DIR, METRICS, ExperimentConfig, PretrainConfig, register, to_object
 from metamae.data import load_dataset
 from metamae.distributed.stream import DATA_BUNDLE, TRIAL_DATA_CPUS, streams_through_ray_data
-from metamae.distributed.trainer import ResourceRequestError, default_environment, fit
+from metamae.distributed.trainer import ResourceRequestError, connect_ray, fit
 from metamae.distributed.tune_reports import CancelTrainReservations, report_to_tune
 from metamae.health import unhealthy
 from metamae.linear_eval import online_probe
@@ -521,8 +521,7 @@ def main(job: DictConfig) -> None:
     check_new_studies([cfg.dataset.name for cfg, _, _ in prepared], sweep_dir, storage)
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")   # the objective is in the last report only
     if not ray.is_initialized():
-        default_environment()
-        ray.init()                      # a local Ray, or the cluster RAY_ADDRESS names (ray job submit)
+        connect_ray()
     if sweep_cfg.autoscaling:
         pin_train_coordinator_here()
     # every study's trials checked against the cluster before any starts (one that fits nowhere fails here)

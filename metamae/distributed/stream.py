@@ -47,6 +47,7 @@ class StreamConfig:
     task_cpus: float = 0.25           # CPUs each read / decode task asks for
     cpu_limit: Optional[float] = None  # CPUs the whole pipeline may use (None: Ray Data decides)
     readers: Optional[int] = None     # read tasks at once (None: Ray Data decides)
+    progress_bars: bool = False       # Ray Data's progress bars: a line per update, hundreds in a run's log
 
 
 LIST_FILES_CPUS = 1.0     # Ray Data's ListFiles task asks for a whole CPU, whatever num_cpus says (Ray 2.60)
@@ -96,17 +97,13 @@ def read_split(folder: Path, split: str, cfg: StreamConfig = StreamConfig(), see
     group's CPUs. Ray Data takes the strategy from the DataContext as the dataset is made (the read's
     tasks) and from the dataset's own copy of it as it runs (the others), and with both strategies
     a placement group's it budgets by that group (its PlacementGroupClusterAutoscaler; Ray 2.60,
-    which warns that these DataContext fields are deprecated after January 2027). The process's
-    DataContext is left as it was."""
+    which warns that these DataContext fields are deprecated after January 2027). Every other
+    setting (order, CPU limit, progress bars) goes to the dataset's own DataContext; the process's
+    is left as it was."""
     folder = Path(folder)
     manifest = manifest or open_dataset(folder)
     if split not in manifest.splits:
         raise KeyError(f"{folder} has no {split!r} split; it has {sorted(manifest.splits)}")
-    context = ray.data.DataContext.get_current()
-    options = context.execution_options
-    if cfg.cpu_limit is not None:
-        options.resource_limits = options.resource_limits.copy(cpu=cfg.cpu_limit)
-    options.preserve_order = seed is not None        # the same seed gives the same order
     paths = [str(folder / shard.file) for shard in manifest.splits[split]]
     shuffle = ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=True) if seed is not None else None
     decode = partial(decode_batch, columns=manifest.columns(), standardization=manifest.standardization())
@@ -116,13 +113,21 @@ def read_split(folder: Path, split: str, cfg: StreamConfig = StreamConfig(), see
         return dataset.map_batches(decode, batch_format="pyarrow", zero_copy_batch=True, num_cpus=cfg.task_cpus)
 
     if within is None:
-        return read()
-    before = context.scheduling_strategy, context.scheduling_strategy_large_args
-    context.scheduling_strategy = context.scheduling_strategy_large_args = within
-    try:
-        return read()
-    finally:
-        context.scheduling_strategy, context.scheduling_strategy_large_args = before
+        dataset = read()
+    else:
+        context = ray.data.DataContext.get_current()
+        before = context.scheduling_strategy, context.scheduling_strategy_large_args
+        context.scheduling_strategy = context.scheduling_strategy_large_args = within
+        try:
+            dataset = read()
+        finally:
+            context.scheduling_strategy, context.scheduling_strategy_large_args = before
+    own = dataset.context
+    own.enable_progress_bars = cfg.progress_bars
+    own.execution_options.preserve_order = seed is not None        # the same seed gives the same order
+    if cfg.cpu_limit is not None:
+        own.execution_options.resource_limits = own.execution_options.resource_limits.copy(cpu=cfg.cpu_limit)
+    return dataset
 
 
 def torch_batches(dataset, cfg: StreamConfig, seed: Optional[int] = None,
