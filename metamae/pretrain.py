@@ -20,11 +20,12 @@ from omegaconf import DictConfig
 
 from metamae.config import CONFIG_DIR, ExperimentConfig, PretrainConfig, register, to_object
 from metamae.data import Dataset, load_dataset
-from metamae.distributed.trainer import RESULTS, connect_ray, fit
-from metamae.linear_eval import PREDICTIONS, ProbeResult, linear_probe, raw_input_probe, split_names
+from metamae.distributed.trainer import connect_ray, fit
+from metamae.linear_eval import ProbeResult, linear_probe, raw_input_probe, split_names
 from metamae.model import MetaMAE
 from metamae.files import DiskFull
-from metamae.train import Interrupted, NonFiniteLoss, RunConfig, pretrain
+from metamae.loop import RESULTS, pretrain
+from metamae.train import Interrupted, NonFiniteLoss, RunConfig, StopSignals
 
 
 def random_init_encoder(data: Dataset, cfg: ExperimentConfig) -> MetaMAE:
@@ -61,13 +62,12 @@ def run(cfg: PretrainConfig) -> dict[str, dict]:
         run_config = RunConfig(cfg.dataset, cfg.model, objective, cfg.train)
         if cfg.trainer.ray:                              # the final report reaches the driver through Ray
             final = fit(run_config, cfg.probe, cfg.trainer, out_dir / method, stop_on_sigterm=True).metrics
-            results[method] = ProbeResult(cfg.dataset.metric, cfg.probe.method, validation=final["objective"],
-                                          test=final["test"], train=final["fit"],
-                                          splits=split_names(cfg.dataset, cfg.probe)).summary()
         else:
-            result = linear_probe(pretrain(run_config, data, out_dir / method), data, cfg.dataset, cfg.probe)
-            result.test_predictions.save(out_dir / method / PREDICTIONS)
-            results[method] = result.summary()
+            with StopSignals() as signals:
+                final = pretrain(run_config, cfg.probe, cfg.trainer, data, out_dir / method, stop=signals)
+        results[method] = ProbeResult(cfg.dataset.metric, cfg.probe.method, validation=final["objective"],
+                                      test=final["test"], train=final["fit"],
+                                      splits=split_names(cfg.dataset, cfg.probe)).summary()
     if cfg.baselines:
         results.update({name: result.summary() for name, result in baseline_probes(data, cfg).items()})
 

@@ -1,8 +1,7 @@
-"""Pretraining on one process: the step function and the plain loop around it.
+"""Pretraining's parts: the step, the optimizer, the process's settings, and a stop on a signal.
 
-`train_step` is the unit that every trainer (this loop, Ray Train) calls. The loop adds logging to
-TensorBoard (loss terms and health signals, metamae/health.py), atomic checkpoints, resuming from the
-run folder, and a clear stop on a NaN loss.
+`train_step` is the step that the one loop (metamae/loop.py) runs in every mode: the plain command,
+a one-worker sweep trial, each Ray Train worker.
 """
 from __future__ import annotations
 
@@ -10,20 +9,14 @@ import ctypes
 import dataclasses
 import math
 import signal
-import time
+import sys
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Optional
 
 import torch
-from tensorboardX import SummaryWriter
 
-from metamae.checkpoint import FILENAME, load_checkpoint, save_checkpoint
 from metamae.config import DatasetConfig, TrainConfig
-from metamae.data.arrays import ArrayDataset, Dataset, batches_from_step, endless_batches, to_tensors
-from metamae.health import Health
-from metamae.model import Losses, MetaMAE, ModelConfig, ObjectiveConfig
-from metamae.modality import to_device
+from metamae.model import MetaMAE, ModelConfig, ObjectiveConfig
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -31,12 +24,45 @@ class NonFiniteLoss(FloatingPointError):
 
 
 class Interrupted(KeyboardInterrupt):
-    """A signal stopped pretraining (Ctrl-C; SIGTERM of a Ray Train run); the last finished step's
-    checkpoint is saved, which the message names. `exit_code` is the shell's for that signal: 128 + its number."""
+    """A signal stopped pretraining after a step, whose checkpoint was saved, which the message names.
+    `exit_code` is the shell's for that signal: 128 + its number."""
 
     def __init__(self, message: str, signum: int = signal.SIGINT):
         super().__init__(message)
         self.exit_code = 128 + signum
+
+
+class StopSignals:
+    """In a `with` block in the main thread: the first of `signals` asks the run to stop after its
+    current step (`requested()`; `then` is called too), and says so; a second one acts as it would
+    have without this (Ctrl-C raises KeyboardInterrupt, SIGTERM ends the process)."""
+
+    def __init__(self, signals=(signal.SIGINT, signal.SIGTERM), then: Callable[[], None] = lambda: None):
+        self.signals, self.then, self.signum = signals, then, None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        self.previous = {signum: signal.signal(signum, self.received) for signum in self.signals}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def received(self, signum: int, frame) -> None:
+        for other, handler in self.previous.items():
+            signal.signal(other, handler)
+        self.signum = signum
+        print(f"{signal.Signals(signum).name}: stopping after the current step, with a checkpoint of it "
+              f"(again to stop at once)", file=sys.stderr, flush=True)
+        self.then()
+
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def interrupted(self, step: int, kept: str) -> Interrupted:
+        return Interrupted(f"stopped by {signal.Signals(self.signum).name} after step {step}: its checkpoint is "
+                           f"{kept}", self.signum)
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3      # mallopt's parameters, from glibc's malloc.h
@@ -110,15 +136,20 @@ def check_finite(scalars: dict[str, float], step: int, x=None) -> None:
                                 f"checkpoint is kept")
 
 
-def train_step(model: MetaMAE, optimizer: torch.optim.Optimizer, x, step: int) -> Losses:
-    """One optimisation step on batch `x`; raises NonFiniteLoss before touching the weights."""
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x, step: int,
+               masking_noise: Optional[torch.Tensor] = None, support_noise: Optional[torch.Tensor] = None,
+               mean: Callable[[dict[str, float]], dict[str, float]] = lambda scalars: scalars) -> dict[str, float]:
+    """One optimisation step on batch `x` with the step's draws (drawn from torch's generator where
+    None); the loss terms, averaged over the workers by `mean`. Raises NonFiniteLoss before touching
+    the weights (on every worker at the same step: the terms are the global batch's)."""
     model.train()
-    losses = model(x)
-    check_finite(losses.scalars(), step, x)
+    losses = model(x, masking_noise=masking_noise, support_noise=support_noise)
+    scalars = mean(losses.scalars())
+    check_finite(scalars, step, x)
     optimizer.zero_grad(set_to_none=True)
     losses.total.backward()
     optimizer.step()
-    return losses
+    return scalars
 
 
 @dataclass
@@ -133,80 +164,9 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-def pretrain(run: RunConfig, data: Dataset, out_dir: Path, log: bool = True) -> MetaMAE:
-    """Pretrain for run.train.steps steps, resuming from out_dir's checkpoint if one is there."""
-    cfg, out_dir = run.train, Path(out_dir)
-    configure_process(cfg)
-    torch.manual_seed(cfg.seed)
-    model = MetaMAE(data.spec, run.model, run.objective).to(cfg.device)
-    if cfg.compile:
-        compile_loss(model)
-    optimizer = make_optimizer(model, cfg)
-    step = resume(out_dir / FILENAME, model, optimizer, run)
-    if step >= cfg.steps:
-        return model
-
-    writer = SummaryWriter(str(out_dir / "tensorboard"))
-    stream = pretrain_inputs(data, run, step)
-    last_log, examples, health = time.perf_counter(), 0, Health()
-    done = saved = step                                 # the last finished step, the last one saved
-    try:
-        while step < cfg.steps:
-            x = next(stream)
-            step += 1
-            losses = train_step(model, optimizer, to_device(x, cfg.device), step)
-            done = step
-            health.step(losses.scalars())
-            examples += run.dataset.batch_size
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                now = time.perf_counter()
-                scalars = {**losses.scalars(), **health.read(), "samples_per_s": examples / (now - last_log)}
-                for name, value in scalars.items():
-                    writer.add_scalar(f"pretrain/{name}", value, step)
-                if log:
-                    print(f"[{run.objective.method}] step {step}/{cfg.steps} "
-                          + " ".join(f"{k}={v:.4g}" for k, v in scalars.items()), flush=True)
-                    for line in health.new_warnings(step):
-                        print(f"health: {line}", flush=True)
-                last_log, examples = now, 0
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                save_checkpoint(out_dir / FILENAME, model, optimizer, step, run.to_dict())
-                saved = step
-    except KeyboardInterrupt:
-        if done > saved:
-            save_checkpoint(out_dir / FILENAME, model, optimizer, done, run.to_dict())
-        raise Interrupted(f"interrupted after step {done}: the checkpoint at {out_dir / FILENAME} holds step "
-                          f"{max(done, saved)}") from None
-    finally:
-        writer.close()
-    return model
-
-
-def pretrain_inputs(data: Dataset, run: RunConfig, step: int) -> Iterator:
-    """Input batches for steps step+1, step+2, ...: in-memory data in exactly the order an
-    uninterrupted run sees it; shards (streamed, not indexable) reshuffled from the step on resume."""
-    split, batch_size, seed = run.dataset.pretrain_split, run.dataset.batch_size, run.train.seed
-    if isinstance(data, ArrayDataset):
-        return (to_tensors(batch.x) for batch in batches_from_step(data.split(split), batch_size, seed, step))
-    return (x for x, _ in endless_batches(data, split, batch_size, seed=seed + step))
-
-
 def check_same_run(saved: dict[str, Any], run: RunConfig, where: str) -> None:
     """A run resumes only from a checkpoint of the same dataset, model and objective."""
     for part in ("dataset", "model", "objective"):
         if saved[part] != run.to_dict()[part]:
             raise ValueError(f"{where} was saved by a run with another {part} config ({saved[part]}); "
                              f"use a new out_dir, or the same {part} settings to resume it")
-
-
-def resume(path: Path, model: MetaMAE, optimizer: torch.optim.Optimizer, run: RunConfig) -> int:
-    """Load a run folder's checkpoint into model and optimizer; the step it was saved at, or 0."""
-    if not path.exists():
-        return 0
-    checkpoint = load_checkpoint(path)
-    check_same_run(checkpoint["config"], run, str(path))
-    model.load_state_dict(checkpoint["model"])
-    restore_optimizer(optimizer, checkpoint["optimizer"])
-    torch.set_rng_state(checkpoint["torch_rng"])
-    print(f"resuming from {path} at step {checkpoint['step']}", flush=True)
-    return checkpoint["step"]

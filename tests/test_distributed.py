@@ -21,9 +21,11 @@ from conftest import SPECS, random_batch, tiny_model
 
 from metamae.checkpoint import FILENAME, load_checkpoint, save_checkpoint
 from metamae.data.converters.digits import convert
+from metamae.data.digits import digits
 from metamae.distributed.collectives import ProcessGroupBatch
 from metamae.config import DatasetConfig, ProbeConfig, TrainConfig, TrainerConfig
-from metamae.distributed.trainer import BEST, ResourceRequestError, best_probe_so_far, default_environment, fit
+from metamae.distributed.trainer import ResourceRequestError, default_environment, fit
+from metamae.loop import BEST, best_probe_so_far, pretrain
 from metamae.distributed.tune_reports import ReportQueue
 from metamae.model import MetaMAE, ModelConfig, ObjectiveConfig
 from metamae.train import NonFiniteLoss, RunConfig
@@ -32,6 +34,7 @@ SMALL = ModelConfig(enc_width=32, enc_depth=2, enc_heads=4, dec_width=16, dec_de
 DIGITS = DatasetConfig(name="digits", input={"kind": "image", "channels": 1, "height": 8, "width": 8, "patch": 2},
                        num_classes=10, metric="accuracy", batch_size=32, source="digits")
 QUICK_PROBE = ProbeConfig(epochs=1)
+DIGITS_DATA = digits()
 
 
 CASES = [(kind, method, first_order) for kind in sorted(SPECS) for method, first_order in
@@ -119,6 +122,20 @@ def test_two_workers_follow_one_worker_with_the_same_global_batch(local_ray, tmp
     assert weights_one.keys() == weights_two.keys()
     for name, value in weights_one.items():
         assert torch.allclose(weights_two[name].float(), value.float(), atol=8e-3), name
+
+
+def test_the_plain_loop_and_a_ray_train_worker_train_alike(local_ray, tmp_path):
+    """One loop in both (metamae/loop.py): the same seed gives the same batches, draws and losses. The
+    processes may sum in another order (their thread counts differ), so the weights agree as the two-worker
+    test's do, to steps × lr where a gradient is at rounding level."""
+    plain = pretrain(run_config(8, 4), QUICK_PROBE, trainer(1), DIGITS_DATA, tmp_path / "plain",
+                     on_report=lambda metrics: None)
+    train = fit(run_config(8, 4), QUICK_PROBE, trainer(1), tmp_path / "train").metrics
+    for term in ("total", "reconstruction", "contrastive", "support_before", "support_after", "objective"):
+        assert train[term] == pytest.approx(plain[term], rel=1e-6), term
+    weights_plain, weights_train = (load_checkpoint(tmp_path / run)["model"] for run in ("plain", "train"))
+    for name, value in weights_plain.items():
+        assert torch.allclose(weights_train[name], value, atol=8e-3), name
 
 
 def test_a_finished_run_started_again_reports_its_final_metrics_again(local_ray, tmp_path):

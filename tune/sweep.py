@@ -43,6 +43,7 @@ from metamae.distributed.trainer import ResourceRequestError, connect_ray, fit
 from metamae.distributed.tune_reports import CancelTrainReservations, report_to_tune
 from metamae.health import unhealthy
 from metamae.linear_eval import online_probe
+from metamae.loop import pretrain
 from metamae.pretrain import baseline_probes, random_init_encoder
 from metamae.train import RunConfig
 from report import BASELINE_NAMES, BASELINE_PREDICTIONS, BASELINES, report_head, write_report
@@ -134,12 +135,21 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], out_dir: str) -> 
 
 
 # --------------------------------------------------------------------------------------------
-# One trial: a Ray Train run
+# One trial: the run's loop in the trial's process, or a Ray Train run
 # --------------------------------------------------------------------------------------------
 
+def in_trial_process(num_workers: int, folder: str) -> bool:
+    """Whether a trial of `num_workers` whose runs go to `folder` runs its pretraining loop in its own
+    process (metamae/loop.py), with no Ray Train run to start: one worker, checkpoints in a local
+    folder. Trials of several workers, or into a bucket (where Ray Train persists their checkpoints),
+    are Ray Train runs."""
+    return num_workers == 1 and not in_bucket(folder)
+
+
 def run_trial(params: dict[str, Any], base: dict[str, Any], runs_dir: str) -> None:
-    """A Tune trial: pretrain with the trial's values on its own Train workers; every Train report
-    goes on to Tune (metamae/distributed/tune_reports.py). The run's folder is RUNS_DIR/<trial id>:
+    """A Tune trial: pretrain with the trial's values, every report going to Tune. One worker: the loop
+    runs here, in the trial's process. Several: on the trial's own Ray Train workers, whose reports
+    reach Tune through metamae/distributed/tune_reports.py. The run's folder is RUNS_DIR/<trial id>:
     checkpoints, TensorBoard events and results, found again by a rerun of the trial after a failure
     or a resumed sweep."""
     context = tune.get_context()
@@ -149,6 +159,10 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], runs_dir: str) -> No
         out_dir, storage = Path(runs_dir) / context.get_trial_id(), None
     cfg = trial_config(base, params, str(out_dir))
     run = RunConfig(cfg.dataset, cfg.model, cfg.objective, cfg.train)
+    if in_trial_process(cfg.trainer.num_workers, runs_dir):
+        data, _ = load_dataset(cfg.dataset, seed=cfg.train.seed)
+        pretrain(run, cfg.probe, cfg.trainer, data, out_dir, on_report=tune.report)
+        return
     trainer = replace(cfg.trainer, storage=storage) if storage else cfg.trainer
     report_to_tune(lambda reports: fit(run, cfg.probe, trainer, out_dir, callbacks=[reports]),
                    is_last=lambda report: "objective" in report)
@@ -179,11 +193,12 @@ class StopUnhealthy(tune.Stopper):
 @dataclass(frozen=True)
 class TrialResources:
     """What one trial holds while it runs, as placement group bundles. `trial`: the trial's own
-    placement group, which Tune reserves before the trial starts, on one node: its driver's bundle
-    and, where its Train workers stream shards through Ray Data (several workers), that pipeline's
-    (metamae/distributed/stream.py: every task of it runs there). `workers`: its Train run's
-    placement group, one bundle per worker, asked for by the driver once it runs. Nothing of a
-    trial asks for a CPU outside these: one worker reads its shards itself."""
+    placement group, which Tune reserves before the trial starts, on one node. A trial that runs its
+    loop in its own process (in_trial_process): the worker's bundle, and `workers` is empty. A Ray
+    Train run: its driver's bundle and, where its Train workers stream shards through Ray Data
+    (several workers), that pipeline's (metamae/distributed/stream.py: every task of it runs there);
+    `workers` is its Train run's placement group, one bundle per worker, asked for by the driver once
+    it runs. Nothing of a trial asks for a CPU outside these: one worker reads its shards itself."""
     trial: tuple[dict[str, float], ...]
     workers: tuple[dict[str, float], ...]
 
@@ -195,6 +210,8 @@ class TrialResources:
         return tune.PlacementGroupFactory([dict(bundle) for bundle in self.trial], strategy="STRICT_PACK")
 
     def describe(self) -> str:
+        if not self.workers:
+            return f"{self.trial[0]}, pretraining in its own process (reading its data itself)"
         parts = [f"its driver {self.trial[0]}"]
         if len(self.trial) > DATA_BUNDLE:
             parts.append(f"its Ray Data pipeline {self.trial[DATA_BUNDLE]} (on the driver's node)")
@@ -207,6 +224,8 @@ class TrialResources:
 def trial_resources(cfg: SweepJobConfig) -> TrialResources:
     """What one trial of this study holds: see TrialResources."""
     worker = {"CPU": cfg.trainer.cpus_per_worker, **({"GPU": 1.0} if cfg.trainer.use_gpu else {})}
+    if in_trial_process(cfg.trainer.num_workers, cfg.sweep.dir):
+        return TrialResources((worker,), ())
     trial = [{"CPU": cfg.sweep.trial_cpus}]
     if streams_through_ray_data(cfg.dataset.source, cfg.trainer.num_workers):
         trial.append({"CPU": TRIAL_DATA_CPUS})

@@ -32,7 +32,8 @@ from ray.train import Checkpoint
 from ray.train.v2.api.callback import UserCallback
 from ray.util.queue import Queue
 
-CHECKPOINT_PATH = "checkpoint_path"     # the report's key for the path of the checkpoint it saved
+from metamae.loop import CHECKPOINT_PATH
+
 TRAIN_RESERVATION = "train_reservation" # the report's key for its Train run's reservation
 END_TIMEOUT_S = 30                      # for the controller to end the run's workers
 
