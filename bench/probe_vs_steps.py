@@ -22,13 +22,13 @@ import hydra
 
 from metamae.config import CONFIG_DIR, register, to_object
 from metamae.data import load_dataset
-from metamae.linear_eval import linear_probe
+from metamae.loop import RESULTS, pretrain
 from metamae.pretrain import baseline_probes
-from metamae.train import RunConfig, pretrain
+from metamae.train import RunConfig
 
 
-def scores(result) -> dict:
-    return {"validation": round(result.validation, 4), "test": round(result.test, 4), "l2": result.l2}
+def scores(result: dict) -> dict:
+    return {"validation": round(result["validation"], 4), "test": round(result["test"], 4), "l2": result["l2"]}
 
 
 def main() -> None:
@@ -43,7 +43,7 @@ def main() -> None:
         data, dataset = load_dataset(cfg.dataset, seed=cfg.train.seed)
         cfg = replace(cfg, dataset=dataset)
         report = {"dataset": dataset.name, "model": cfg.model.__dict__, "probe": cfg.probe.method,
-                  "baselines": {name: scores(result) for name, result in baseline_probes(data, cfg).items()}}
+                  "baselines": {name: scores(result.summary()) for name, result in baseline_probes(data, cfg).items()}}
         for method in args.methods.split(","):
             objective = replace(cfg.objective, method=method)
             curve = []
@@ -51,9 +51,9 @@ def main() -> None:
                 started = time.perf_counter()
                 run = RunConfig(dataset, cfg.model, objective, replace(cfg.train, steps=steps))
                 with contextlib.redirect_stdout(sys.stderr):           # its "resuming from ..." lines
-                    model = pretrain(run, data, Path(folder) / method, log=False)
-                curve.append({"steps": steps, **scores(linear_probe(model, data, dataset, cfg.probe)),
-                              "seconds": round(time.perf_counter() - started, 1)})
+                    pretrain(run, cfg.probe, cfg.trainer, data, Path(folder) / method, on_report=lambda m: None)
+                result = json.loads((Path(folder) / method / RESULTS).read_text())["probe_result"]
+                curve.append({"steps": steps, **scores(result), "seconds": round(time.perf_counter() - started, 1)})
                 print(f"{method} {curve[-1]}", file=sys.stderr, flush=True)
             report[method] = curve
     print(json.dumps(report, indent=2))

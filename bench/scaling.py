@@ -2,7 +2,7 @@
 
 Measures, in one run, the same pretraining (tiny model, MetaMAE second order, batch 64, one torch
 thread per process):
-  - plain_loop: metamae.train.pretrain in this process (the baseline);
+  - plain_loop: metamae.loop.pretrain in this process (the baseline);
   - ray_train_1_worker, ray_train_2_workers: metamae.distributed.trainer.fit, DDP over gloo.
 samples/s is the training loop's own rate (from the workers' report); wall_s includes Ray Train's
 start-up (controller, worker group, process group) and the final linear probe. The ratios are
@@ -24,7 +24,8 @@ from metamae.config import DatasetConfig, ProbeConfig, TrainConfig, TrainerConfi
 from metamae.data.digits import digits
 from metamae.distributed.trainer import default_environment, fit
 from metamae.model import ModelConfig, ObjectiveConfig
-from metamae.train import RunConfig, pretrain
+from metamae.loop import pretrain
+from metamae.train import RunConfig
 
 TINY = ModelConfig(enc_width=64, enc_depth=4, enc_heads=4, dec_width=32, dec_depth=2, dec_heads=4)
 DIGITS = DatasetConfig(name="digits", input={"kind": "image", "channels": 1, "height": 8, "width": 8, "patch": 2},
@@ -40,7 +41,8 @@ def main() -> None:
     results = {"steps": args.steps, "batch_size": DIGITS.batch_size}
     with tempfile.TemporaryDirectory() as folder:
         started = time.perf_counter()
-        pretrain(run, digits(), Path(folder) / "plain", log=False)
+        pretrain(run, ProbeConfig(epochs=1), TrainerConfig(ray=False, probe_every=0), digits(), Path(folder) / "plain",
+                 on_report=lambda metrics: None)
         plain_s = time.perf_counter() - started
         results["plain_loop"] = {"samples_per_s": args.steps * DIGITS.batch_size / plain_s, "wall_s": plain_s}
 

@@ -100,7 +100,7 @@ class TrainerConfig:
     ray: bool = True                   # false: the plain one-process loop of metamae.train
     num_workers: int = 1               # data-parallel workers; each gets batch_size / num_workers
     use_gpu: bool = False
-    cpus_per_worker: float = 0.5       # three one-worker sweep trials at once on 2 CPUs
+    cpus_per_worker: float = 0.5       # four one-worker sweep trials at once on 2 CPUs
     bf16: bool = False                 # bfloat16 autocast; GPUs only (not run on the CPU test machine)
     probe_every: int = 500             # the online probe every M steps (0: only at the end)
     probe_examples: int = 500          # examples the online probe fits on (and as many it scores)

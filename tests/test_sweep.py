@@ -204,13 +204,15 @@ def test_a_trial_gets_its_dotted_values_typed_and_checked():
     assert {depth["model.enc_depth"].sample() for _ in range(50)} == {1, 2}                 # high included
 
 
-def test_a_trial_on_shards_keeps_a_cpu_share_for_its_ray_data_tasks():
-    digits = sweep.SweepJobConfig(dataset=DatasetConfig(name="digits", source="digits"))
-    shards = sweep.SweepJobConfig(dataset=DatasetConfig(name="pamap2", source="shards", path="data/pamap2"))
-    assert sweep.trial_resources(digits).total()["CPU"] == pytest.approx(0.6)   # driver 0.1 + a 0.5-CPU worker
-    assert sweep.trial_resources(shards).total()["CPU"] == pytest.approx(0.6)   # which reads its shards itself
+def test_a_trial_holds_its_worker_and_on_shards_keeps_a_cpu_share_for_its_ray_data_tasks():
     from dataclasses import replace
     from metamae.config import TrainerConfig
+    digits = sweep.SweepJobConfig(dataset=DatasetConfig(name="digits", source="digits"))
+    shards = sweep.SweepJobConfig(dataset=DatasetConfig(name="pamap2", source="shards", path="data/pamap2"))
+    for one_worker in (digits, shards):                     # the loop in the trial's process, reading its data
+        assert sweep.trial_resources(one_worker) == sweep.TrialResources(({"CPU": 0.5},), ())
+    in_bucket = replace(digits, sweep=replace(digits.sweep, dir="s3://bucket/sweeps"))   # a Ray Train run
+    assert sweep.trial_resources(in_bucket) == sweep.TrialResources(({"CPU": 0.1},), ({"CPU": 0.5},))
     streaming = replace(shards, trainer=TrainerConfig(num_workers=2))           # two workers stream through Ray Data,
     assert sweep.trial_resources(streaming).trial == ({"CPU": 0.1}, {"CPU": 1.0})  # in a CPU the trial reserves
     assert sweep.trial_resources(streaming).total()["CPU"] == pytest.approx(2.1)   # (tests/test_sweep_shards.py)

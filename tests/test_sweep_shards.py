@@ -36,7 +36,7 @@ PORT, DASHBOARD_PORT = 6560, 8560               # not Ray's defaults, nor test_s
 TWO_CPUS = [{"CPU": 2.0, "GPU": 0.0}]
 QUICK = ["train.steps=20", "train.log_every=10", "sweep.grace_period=10", "sweep.reduction_factor=2",
          "probe.epochs=1", "trainer.probe_examples=100", "sweep.baseline=false"]
-# the defaults otherwise: one worker of 0.5 CPU and a driver of 0.1 per trial, as in the sweep that hung
+# the defaults otherwise: one worker of 0.5 CPU per trial
 
 
 def study(source: str = "shards", num_samples: int = 4, **settings) -> sweep.SweepJobConfig:
@@ -51,12 +51,11 @@ def study(source: str = "shards", num_samples: int = 4, **settings) -> sweep.Swe
 # The planning, without Ray
 # --------------------------------------------------------------------------------------------
 
-def test_a_one_worker_trial_reads_its_shards_itself_and_three_fit_on_two_cpus():
-    for source in ("shards", "digits"):             # nothing of a one-worker trial asks for a CPU beside its own
-        resources = sweep.trial_resources(study(source))
-        assert resources.trial == ({"CPU": 0.1},) and resources.workers == ({"CPU": 0.5},)
-        assert resources.total()["CPU"] == pytest.approx(0.6)
-        assert sweep.concurrent_trials(study(source), TWO_CPUS) == 3
+def test_a_one_worker_trial_holds_its_worker_alone_and_four_fit_on_two_cpus():
+    for source in ("shards", "digits"):             # the loop in the trial's process, which reads its data itself
+        resources = sweep.trial_resources(study(source, num_samples=8))
+        assert resources.trial == ({"CPU": 0.5},) and resources.workers == ()
+        assert sweep.concurrent_trials(study(source, num_samples=8), TWO_CPUS) == 4
 
 
 def test_a_trial_whose_workers_stream_reserves_its_pipelines_cpus_beside_its_driver():
@@ -76,9 +75,9 @@ def test_trials_are_fitted_node_by_node_each_trial_whole():
     # 3 CPUs in all, but a trial's driver and pipeline (1.1 CPU) must share a node: none can
     with pytest.raises(ResourceRequestError):
         sweep.concurrent_trials(study(num_workers=2, cpus_per_worker=0.4), one_cpu_nodes)
-    # workers of 0.6 CPU: one per 1-CPU node, not floor(3 / 0.7) = 4; the drivers fit beside them
+    # trials of 0.6 CPU: one per 1-CPU node, not floor(3 / 0.6) = 5
     assert sweep.concurrent_trials(study(num_samples=8, cpus_per_worker=0.6), one_cpu_nodes) == 3
-    assert sweep.concurrent_trials(study(num_samples=8), one_cpu_nodes) == 5           # 0.5-CPU workers: 2 a node
+    assert sweep.concurrent_trials(study(num_samples=8), one_cpu_nodes) == 6           # 0.5-CPU trials: 2 a node
     gpus = [{"CPU": 8.0, "GPU": 2.0}, {"CPU": 8.0, "GPU": 1.0}]
     assert sweep.concurrent_trials(study(num_samples=8, use_gpu=True), gpus) == 3
     assert sweep.concurrent_trials(study(num_samples=8, use_gpu=True, num_workers=2), gpus) == 1
@@ -87,8 +86,8 @@ def test_trials_are_fitted_node_by_node_each_trial_whole():
 @pytest.mark.parametrize("settings, missing", [
     ({"num_workers": 2}, r"its driver \{'CPU': 0\.1\}, its Ray Data pipeline \{'CPU': 1\.0\} .*2 Train workers of "
                          r"\{'CPU': 0\.5\} each: 2\.1 CPU in all, and the cluster's nodes have 2 CPU, 0 GPU"),
-    ({"cpus_per_worker": 3.0}, r"1 Train worker of \{'CPU': 3\.0\}.*3\.1 CPU in all"),
-    ({"use_gpu": True}, r"1 Train worker of \{'CPU': 0\.5, 'GPU': 1\.0\}.*have 2 CPU, 0 GPU"),
+    ({"cpus_per_worker": 3.0}, r"\{'CPU': 3\.0\}, pretraining in its own process.*: 3 CPU in all"),
+    ({"use_gpu": True}, r"\{'CPU': 0\.5, 'GPU': 1\.0\}, pretraining in its own process.*have 2 CPU, 0 GPU"),
 ])
 def test_a_trial_no_node_can_hold_fails_naming_what_it_asks_for_and_what_there_is(settings, missing):
     with pytest.raises(ResourceRequestError, match=missing) as error:
@@ -98,8 +97,8 @@ def test_a_trial_no_node_can_hold_fails_naming_what_it_asks_for_and_what_there_i
 
 def test_max_concurrent_trials_is_kept_below_what_fits_and_lowered_above_it(capsys):
     assert sweep.concurrent_trials(study(max_concurrent_trials=2), TWO_CPUS) == 2
-    assert sweep.concurrent_trials(study(max_concurrent_trials=10), TWO_CPUS) == 3
-    assert "sweep.max_concurrent_trials=10 lowered to 3" in capsys.readouterr().out
+    assert sweep.concurrent_trials(study(max_concurrent_trials=10), TWO_CPUS) == 4
+    assert "sweep.max_concurrent_trials=10 lowered to 4" in capsys.readouterr().out
     # more trials at once than num_samples fit: the number is what fits, not num_samples
     assert sweep.concurrent_trials(study(num_samples=2), TWO_CPUS) == 2
 
@@ -226,7 +225,7 @@ def test_a_four_trial_sweep_on_shards_runs_to_the_end_with_trials_at_once(head, 
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     at_once = re.search(r"(\d+) trials? at once", run.stdout)
     assert at_once and int(at_once.group(1)) > 1, run.stdout[-3000:]
-    assert "reading its data itself" in run.stdout                   # no Ray Data pipeline beside the worker
+    assert "pretraining in its own process (reading its data itself)" in run.stdout   # no Train run, no Ray Data
     [experiment] = [p for p in (tmp_path / "jv-sweep").iterdir() if (p / "trial_base.json").is_file()]
     spans = trial_spans(experiment)
     # each ran to the final evaluation or ASHA stopped it at its rung, step 10 of 20

@@ -5,8 +5,9 @@ the bad ones early on the online probe, and the final linear evaluation's valida
 objective (its test score is recorded and chooses nothing).
 
     for each dataset:  the baselines (baselines.json: a random-init encoder, the raw inputs)
-                       Optuna study (SWEEP_DIR/optuna.db)  ──proposes──▶  trial = a Ray Train run
-                       ASHA on the online probe             ◀──reports──   (its own workers, GPUs)
+                       Optuna study (SWEEP_DIR/optuna.db)  ──proposes──▶  trial = the pretraining loop in
+                       ASHA on the online probe             ◀──reports──   its own process (one worker), or
+                                                                           a Ray Train run (several)
     at the end:        SWEEP_DIR/report.md, <dataset>.csv, plots/ (tune/report.py): the chosen
                        configuration against the baselines, on the test split
 
@@ -62,7 +63,7 @@ class SweepConfig:
     grace_period: int = 150             # steps every trial runs before ASHA may stop it
     reduction_factor: int = 2           # ASHA keeps the best 1/reduction_factor at each rung
     trial_retries: int = 1              # a failed trial is rerun this many times before it is reported
-    trial_cpus: float = 0.1             # the trial driver's own CPUs (its Train workers ask for theirs)
+    trial_cpus: float = 0.1             # a Ray Train trial's driver's own CPUs (its workers ask for theirs)
     storage: Optional[str] = None       # an Optuna RDB URL; None: sqlite in the sweep folder
     autoscaling: bool = False           # a cluster that grows for waiting trials (cluster/*.yaml): trials are
                                         # not checked against today's nodes, and up to max_concurrent_trials
@@ -211,7 +212,8 @@ class TrialResources:
 
     def describe(self) -> str:
         if not self.workers:
-            return f"{self.trial[0]}, pretraining in its own process (reading its data itself)"
+            return (f"{self.trial[0]}, pretraining in its own process (reading its data itself): "
+                    f"{amounts(self.total())} in all")
         parts = [f"its driver {self.trial[0]}"]
         if len(self.trial) > DATA_BUNDLE:
             parts.append(f"its Ray Data pipeline {self.trial[DATA_BUNDLE]} (on the driver's node)")
