@@ -346,7 +346,8 @@ def sweep_dataset(cfg: SweepJobConfig, base: dict[str, Any], space: dict[str, An
     tuner = tune.Tuner(
         trainable, param_space=space,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=cfg.sweep.num_samples,
-                                    max_concurrent_trials=concurrency),
+                                    max_concurrent_trials=concurrency,
+                                    reuse_actors=True),     # a trial's process starts once, not per trial
         run_config=tune.RunConfig(storage_path=sweep_dir, name=name, callbacks=[CancelTrainReservations()],
                                   stop=StopUnhealthy(cfg.sweep.grace_period) if cfg.sweep.stop_unhealthy else None,
                                   failure_config=tune.FailureConfig(max_failures=cfg.sweep.trial_retries)))
