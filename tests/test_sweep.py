@@ -1,5 +1,5 @@
-"""tune/sweep.py on a real `ray start --head` on 127.0.0.1: a 6-trial sweep with early stopping whose
-driver is killed mid-sweep and resumed ends with every trial terminated and the Optuna study's history
+"""tune/sweep.py on a real `ray start --head` on 127.0.0.1: a sweep with early stopping, of either kind
+of trial, whose driver is killed mid-sweep and resumed ends with every trial terminated and the Optuna study's history
 kept; `ray job submit` runs a sweep to SUCCEEDED; a wrong search-space key fails naming it."""
 import json
 import os
@@ -29,7 +29,6 @@ from report import write_report  # noqa: E402
 PORT, DASHBOARD_PORT = 6480, 8480               # not Ray's defaults, which other tests' Rays use
 QUICK = ["train.steps=20", "train.log_every=10", "sweep.grace_period=10", "sweep.reduction_factor=2",
          "probe.epochs=1", "trainer.probe_examples=200", "trainer.cpus_per_worker=0.4", "sweep.baseline=false"]
-TRIALS = 6                                      # in the killed sweep: 4 run at once on the head's 2 CPUs
 
 
 @pytest.fixture(scope="module")
@@ -52,19 +51,24 @@ def study_trials(sweep_dir: Path) -> list[optuna.trial.FrozenTrial]:
         return []                                                # the study is being created
 
 
-def test_a_killed_sweep_resumes_keeping_finished_trials_and_the_study_history(head, tmp_path):
+@pytest.mark.parametrize("mode, num_trials, kill_after", [([], 6, 3), (["trainer.num_workers=2"], 4, 2)],
+                         ids=["loop-in-trial", "ray-train-run"])
+def test_a_killed_sweep_resumes_keeping_finished_trials_and_the_study_history(head, tmp_path, mode, num_trials,
+                                                                              kill_after):
+    """Either kind of trial: one worker (the loop in the trial's process, 5 at once) or two (a Ray Train
+    run each, 2 at once); the driver is killed once kill_after of the num_trials have finished."""
     env, _ = head
     env = {**env, "RAY_ADDRESS": f"127.0.0.1:{PORT}"}
     sweep_dir = tmp_path / "killed"
-    command = sweep_command(sweep_dir, f"sweep.num_samples={TRIALS}", "sweep.baseline=true")
+    command = sweep_command(sweep_dir, f"sweep.num_samples={num_trials}", "sweep.baseline=true", *mode)
     log = tmp_path / "killed-driver.log"
     with log.open("w") as out:
         driver = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True, stdout=out, stderr=out)
     try:
         deadline = time.time() + 400
-        while len([t for t in study_trials(sweep_dir) if t.state.is_finished()]) < 3:
+        while len([t for t in study_trials(sweep_dir) if t.state.is_finished()]) < kill_after:
             assert driver.poll() is None, f"the sweep ended before it could be killed:\n{log.read_text()[-3000:]}"
-            assert time.time() < deadline, "no three trials finished in time"
+            assert time.time() < deadline, f"no {kill_after} trials finished in time"
             time.sleep(2)
     finally:
         if driver.poll() is None:
@@ -89,7 +93,7 @@ def test_a_killed_sweep_resumes_keeping_finished_trials_and_the_study_history(he
     assert list(table.loc[table["outcome"] == "baseline", "trial_id"]) == ["baseline: random-init encoder",
                                                                           "baseline: raw-input probe"]
     trials = table[table["outcome"] != "baseline"]
-    assert len(trials) == TRIALS and set(trials["status"]) == {"TERMINATED"}, trials[["trial_id", "status"]]
+    assert len(trials) == num_trials and set(trials["status"]) == {"TERMINATED"}, trials[["trial_id", "status"]]
     # Each trial ran to the final evaluation, or ASHA stopped it at its rung (step 10 of 20): how many
     # of each is up to the probes (test_report.py pins ASHA's choices with reports of its own).
     evaluated = trials["validation"].notna()
@@ -99,7 +103,7 @@ def test_a_killed_sweep_resumes_keeping_finished_trials_and_the_study_history(he
     for number, (state, value) in before.items():                # the history is kept as it was
         assert (after[number].state, after[number].value) == (state, value)
     finished = [t for t in after.values() if t.state.is_finished()]
-    assert len(finished) >= TRIALS
+    assert len(finished) >= num_trials
     assert (sweep_dir / "report.md").is_file() and list((sweep_dir / "plots").glob("*.png"))
 
 
