@@ -51,7 +51,7 @@ def study_trials(sweep_dir: Path) -> list[optuna.trial.FrozenTrial]:
         return []                                                # the study is being created
 
 
-@pytest.mark.parametrize("mode, num_trials, kill_after", [([], 6, 3), (["trainer.num_workers=2"], 4, 2)],
+@pytest.mark.parametrize("mode, num_trials, kill_after", [([], 6, 3), (["trainer.num_workers=2"], 3, 1)],
                          ids=["loop-in-trial", "ray-train-run"])
 def test_a_killed_sweep_resumes_keeping_finished_trials_and_the_study_history(head, tmp_path, mode, num_trials,
                                                                               kill_after):
