@@ -1,4 +1,4 @@
-"""One checkpoint file per run: model, optimizer, step, config and library version.
+"""A checkpoint file (RUN/checkpoint_<step>/checkpoint.pt): model, optimizer, step, config and library version.
 
 Written atomically (a temporary file in the same folder, then a rename), so a crash never leaves
 a half-written checkpoint; read with `torch.load(weights_only=True)`, which runs no pickled code.
@@ -34,8 +34,8 @@ def save_checkpoint(path: Path, model: MetaMAE, optimizer: Optional[torch.optim.
 
 
 def latest_in(folder: Path) -> Path:
-    """A run folder's checkpoint: its own checkpoint.pt (the plain loop), or the newest of Ray Train's
-    checkpoint_* folders."""
+    """A run folder's checkpoint: its own checkpoint.pt where there is one (a run of an earlier version
+    of the plain loop), else its newest checkpoint_* folder's."""
     saved = sorted(folder.glob(f"checkpoint_*/{FILENAME}"), key=lambda p: p.parent.name)
     return folder / FILENAME if (folder / FILENAME).is_file() or not saved else saved[-1]
 
