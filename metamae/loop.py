@@ -342,15 +342,26 @@ def pretrain(run: RunConfig, probe: ProbeConfig, trainer: TrainerConfig, data: D
     """Pretrain in this process into `out_dir` (resuming from its newest checkpoint) and evaluate; the
     final metrics. Each report goes to `on_report` (default: a printed line). Raises NonFiniteLoss for
     a NaN loss, and Interrupted where a signal of `stop` stopped it, each naming the checkpoint kept."""
-    on_report = on_report or (lambda metrics: print(f"[{run.objective.method}] step {metrics['step']}/{run.train.steps} "
-                                                    + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
-                                                               if k != "step" and isinstance(v, float)), flush=True))
     device = "cuda" if trainer.use_gpu else run.train.device
-    session = LocalSession(out_dir, trainer.keep_checkpoints, device, on_report, stop.requested if stop else lambda: False)
+    session = LocalSession(out_dir, trainer.keep_checkpoints, device, on_report or progress_line(run),
+                           stop.requested if stop else lambda: False)
     ended = run_pretraining(run, probe, trainer, data, out_dir, session)
-    kept = next(iter(session.folders()), None) or "none was saved"
+    raise_if_ended_early(ended, str(next(iter(session.folders()), "none was saved")), stop)
+    return ended
+
+
+def progress_line(run: RunConfig) -> Callable[[dict[str, Any]], None]:
+    """Print a report as one line: `[method] step s/S name=value ...`."""
+    def show(metrics: dict[str, Any]) -> None:
+        values = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "step" and isinstance(v, float))
+        print(f"[{run.objective.method}] step {metrics['step']}/{run.train.steps} {values}", flush=True)
+    return show
+
+
+def raise_if_ended_early(ended: dict[str, Any], kept: str, stop: Optional[StopSignals]) -> None:
+    """What a run's last return means, in any mode: NonFiniteLoss for a NaN loss, Interrupted for a
+    stop that `stop`'s signal asked for; each names the checkpoint `kept`."""
     if "error" in ended:
         raise NonFiniteLoss(f"{ended['error']}: {kept}")
     if "stopped" in ended:
-        raise stop.interrupted(ended["step"], str(kept))
-    return ended
+        raise stop.interrupted(ended["step"], kept)

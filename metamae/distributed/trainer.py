@@ -32,9 +32,9 @@ from metamae.data.arrays import epochs
 from metamae.distributed.collectives import ProcessGroupBatch
 from metamae.distributed.stream import (LIST_FILES_CPUS, StreamConfig, read_split, reserved_data_bundle,
                                         streams_through_ray_data, torch_batches)
-from metamae.loop import CHECKPOINT_PREFIX, run_pretraining
+from metamae.loop import CHECKPOINT_PREFIX, raise_if_ended_early, run_pretraining
 from metamae.model import MetaMAE
-from metamae.train import NonFiniteLoss, RunConfig, StopSignals
+from metamae.train import RunConfig, StopSignals
 
 PRETRAIN = "pretrain"                  # the Ray Data dataset name the workers read
 
@@ -90,12 +90,8 @@ def fit(run: RunConfig, probe: ProbeConfig, trainer: TrainerConfig, out_dir: Pat
                 checkpoint_config=CheckpointConfig(num_to_keep=trainer.keep_checkpoints,
                                                    checkpoint_score_attribute="step", checkpoint_score_order="max")),
         ).fit()
-    ended = result.return_value or {}
-    kept = result.checkpoint.path if result.checkpoint else "none was saved"
-    if "error" in ended:
-        raise NonFiniteLoss(f"{ended['error']}: {kept}")
-    if "stopped" in ended:
-        raise signals.interrupted(ended["step"], kept)
+    raise_if_ended_early(result.return_value or {}, result.checkpoint.path if result.checkpoint else "none was saved",
+                         signals if stop else None)
     return result
 
 
