@@ -1,11 +1,13 @@
 # make demo     : set up .venv if needed, run a small real sweep on the embedded digits (tune/sweep.py)
-# make test     : set up .venv if needed, run the test suite
+# make test     : set up .venv if needed, run the whole test suite (what CI runs)
+# make test-fast: the tests that need no Ray cluster (a few minutes)
+# make lint     : ruff
 # make baselines: pretrain MetaMAE and MAE on the digits, probe them beside a random-init encoder and the raw inputs
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test baselines bench install clean
+.PHONY: demo test test-fast lint baselines bench install clean
 
 install: $(STAMP)
 
@@ -27,6 +29,12 @@ baselines: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=15
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q --durations=15 -m "not ray and not cluster" -n 2
+
+lint: $(STAMP)
+	$(PY) -m ruff check metamae tune tests bench cluster
 
 bench: $(STAMP)
 	$(PY) bench/step.py

@@ -1,5 +1,5 @@
 """What keeping freed memory gains a CPU training step: glibc's default malloc against
-metamae.train.keep_freed_memory, paired.
+metamae.process.keep_freed_memory, paired.
 
 Per shape and method, two worker processes (this script re-invoked with --worker) build the same
 model, optimizer and batch as bench/step.py (`dabs` preset, batch 64, 2 threads): one with glibc's
@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.step import SHAPES, THREADS, WARMUP, build, cpu_model, proc_status_mb, training_step  # noqa: E402
-from metamae.train import keep_freed_memory  # noqa: E402
+from metamae.process import keep_freed_memory  # noqa: E402
 
 SETTINGS = ("default", "kept")
 

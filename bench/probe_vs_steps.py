@@ -20,11 +20,12 @@ from pathlib import Path
 
 import hydra
 
-from metamae.config import CONFIG_DIR, register, to_object
+from metamae.config import CONFIG_DIR, to_object
 from metamae.data import load_dataset
 from metamae.loop import RESULTS, pretrain
 from metamae.pretrain import baseline_probes
-from metamae.train import RunConfig
+from metamae.process import start_command
+from metamae.train import RunRecipe
 
 
 def scores(result: dict) -> dict:
@@ -36,7 +37,7 @@ def main() -> None:
     parser.add_argument("--steps", default="150,300,600,1200", help="step counts to probe at, ascending")
     parser.add_argument("--methods", default="metamae,mae")
     args, overrides = parser.parse_known_args()
-    register()
+    start_command()
     with tempfile.TemporaryDirectory() as folder, hydra.initialize_config_dir(config_dir=CONFIG_DIR,
                                                                               version_base=None):
         cfg = to_object(hydra.compose("pretrain", overrides=["train=short", *overrides, f"out_dir={folder}"]))
@@ -49,9 +50,9 @@ def main() -> None:
             curve = []
             for steps in (int(s) for s in args.steps.split(",")):
                 started = time.perf_counter()
-                run = RunConfig(dataset, cfg.model, objective, replace(cfg.train, steps=steps))
+                run = RunRecipe(dataset, cfg.model, objective, replace(cfg.train, steps=steps))
                 with contextlib.redirect_stdout(sys.stderr):           # its "resuming from ..." lines
-                    pretrain(run, cfg.probe, cfg.trainer, data, Path(folder) / method, on_report=lambda m: None)
+                    pretrain(run, cfg.probe, cfg.execution, data, Path(folder) / method, on_report=lambda m: None)
                 result = json.loads((Path(folder) / method / RESULTS).read_text())["probe_result"]
                 curve.append({"steps": steps, **scores(result), "seconds": round(time.perf_counter() - started, 1)})
                 print(f"{method} {curve[-1]}", file=sys.stderr, flush=True)

@@ -20,12 +20,13 @@ from pathlib import Path
 
 import ray
 
-from metamae.config import DatasetConfig, ProbeConfig, TrainConfig, TrainerConfig
+from metamae.config import DatasetConfig, ExecutionConfig, ProbeConfig, TrainConfig
 from metamae.data.digits import digits
-from metamae.distributed.trainer import default_environment, fit
-from metamae.model import ModelConfig, ObjectiveConfig
+from metamae.distributed.trainer import fit
 from metamae.loop import pretrain
-from metamae.train import RunConfig
+from metamae.model import ModelConfig, ObjectiveConfig
+from metamae.process import start_command
+from metamae.train import RunRecipe
 
 TINY = ModelConfig(enc_width=64, enc_depth=4, enc_heads=4, dec_width=32, dec_depth=2, dec_heads=4)
 DIGITS = DatasetConfig(name="digits", input={"kind": "image", "channels": 1, "height": 8, "width": 8, "patch": 2},
@@ -37,20 +38,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     args = parser.parse_args()
     train = TrainConfig(steps=args.steps, log_every=args.steps, checkpoint_every=args.steps, threads=1)
-    run = RunConfig(DIGITS, TINY, ObjectiveConfig(), train)
+    run = RunRecipe(DIGITS, TINY, ObjectiveConfig(), train)
     results = {"steps": args.steps, "batch_size": DIGITS.batch_size}
     with tempfile.TemporaryDirectory() as folder:
         started = time.perf_counter()
-        pretrain(run, ProbeConfig(epochs=1), TrainerConfig(ray=False, probe_every=0), digits(), Path(folder) / "plain",
-                 on_report=lambda metrics: None)
+        plain = ExecutionConfig(ray=False, probe_every=0)
+        pretrain(run, ProbeConfig(epochs=1), plain, digits(), Path(folder) / "plain", on_report=lambda metrics: None)
         plain_s = time.perf_counter() - started
         results["plain_loop"] = {"samples_per_s": args.steps * DIGITS.batch_size / plain_s, "wall_s": plain_s}
 
-        default_environment()
+        start_command()
         ray.init(num_cpus=2, log_to_driver=False)
         for workers in (1, 2):
             started = time.perf_counter()
-            metrics = fit(run, ProbeConfig(epochs=1), TrainerConfig(num_workers=workers, probe_every=0),
+            metrics = fit(run, ProbeConfig(epochs=1), ExecutionConfig(num_workers=workers, probe_every=0),
                           Path(folder) / f"ray{workers}").metrics
             results[f"ray_train_{workers}_worker{'s' if workers > 1 else ''}"] = {
                 "samples_per_s": metrics["samples_per_s"], "wall_s": time.perf_counter() - started,

@@ -33,7 +33,7 @@ loss = model(x).total, backward, optimizer step.
   5%, whose timings should be repeated on a quiet machine.
 
 Everything runs with torch.set_num_threads(2) and, as in the training loop, with glibc's malloc
-keeping freed memory (metamae.train.keep_freed_memory; bench/allocator.py measures what that
+keeping freed memory (metamae.process.keep_freed_memory; bench/allocator.py measures what that
 gains). With --compile every model's loss is compiled as train.compile=true does
 (metamae.train.compile_loss): the first warm-up step compiles (1-2 minutes each on 2 cores), the
 FLOPs are counted on the model before it is compiled (the same math), and the memory columns
@@ -64,7 +64,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from metamae.config import TrainConfig  # noqa: E402
 from metamae.modality import ImageSpec, TimeSeriesSpec  # noqa: E402
 from metamae.model import MetaMAE, ModelConfig, ObjectiveConfig  # noqa: E402
-from metamae.train import compile_loss, keep_freed_memory, make_optimizer  # noqa: E402
+from metamae.process import keep_freed_memory, start_training  # noqa: E402
+from metamae.train import compile_loss, make_optimizer  # noqa: E402
 
 THREADS, WARMUP, MATMUL_N, CONTENDED, PROFILED_STEPS = 2, 3, 2048, 0.05, 3
 MATMUL_GFLOP = 2 * MATMUL_N ** 3 / 1e9
@@ -269,7 +270,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(THREADS)
+    start_training(TrainConfig(threads=THREADS, compile=args.compile))   # as the training loop's process does
     keeps_freed_memory = keep_freed_memory()
     if args.config:
         print(json.dumps(measure_config(*args.config.split(":"), args.batch, args.steps, args.compile)))

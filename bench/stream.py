@@ -27,8 +27,8 @@ import torch
 
 from metamae.data.shards import ShardDataset, ShardWriter
 from metamae.distributed.stream import RayShardDataset, StreamConfig
-from metamae.model import MetaMAE, ModelConfig, ObjectiveConfig
 from metamae.modality import TimeSeriesSpec
+from metamae.model import MetaMAE, ModelConfig, ObjectiveConfig
 
 SPEC = TimeSeriesSpec(channels=52, length=320, patch=5)
 ROW_MB = 52 * 320 * 4 / 2**20

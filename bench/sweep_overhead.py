@@ -5,8 +5,8 @@ ways in one run, with the machine's CPU utilisation over each (/proc/stat):
   - plain_optuna: optuna.create_study().optimize() in this process, one trial after the other, each
     metamae.loop.pretrain with its final linear evaluation (the baseline; torch uses every core);
   - ray_one_worker: `python tune/sweep.py` on a local Ray, trials of one worker (each runs the loop in
-    its Tune trial's process), as many at once as the CPUs hold (trainer.cpus_per_worker);
-  - ray_two_workers: the same with trainer.num_workers=2: each trial a Ray Train run.
+    its Tune trial's process), as many at once as the CPUs hold (execution.cpus_per_worker);
+  - ray_two_workers: the same with execution.num_workers=2: each trial a Ray Train run.
 The Ray wall times are the whole command's, Ray's start-up and the report included. Prints JSON: wall
 times, each Ray sweep's ratio to the plain loop and overhead per trial in seconds, and utilisation.
 
@@ -25,11 +25,11 @@ from pathlib import Path
 
 import optuna
 
-from metamae.config import DatasetConfig, ProbeConfig, TrainConfig, TrainerConfig
+from metamae.config import DatasetConfig, ExecutionConfig, ProbeConfig, TrainConfig
 from metamae.data.digits import digits
 from metamae.loop import pretrain
 from metamae.model import ModelConfig, ObjectiveConfig
-from metamae.train import RunConfig
+from metamae.train import RunRecipe
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ModelConfig(enc_width=64, enc_depth=4, enc_heads=4, dec_width=32, dec_depth=2, dec_heads=4)   # model=tiny
@@ -59,15 +59,15 @@ class Utilisation:
 def plain_optuna(trials: int, steps: int, folder: Path) -> None:
     data = digits()
     train = TrainConfig(steps=steps, log_every=steps, checkpoint_every=steps)
-    trainer = TrainerConfig(ray=False, probe_every=steps, probe_examples=400)   # as the sweep's trials probe
+    execution = ExecutionConfig(ray=False, probe_every=steps, probe_examples=400)   # as the sweep's trials probe
 
     def objective(trial: optuna.Trial) -> float:
         objective_cfg = ObjectiveConfig(inner_lr=trial.suggest_float("inner_lr", 0.05, 5.0, log=True),
                                         temperature=trial.suggest_float("temperature", 0.05, 1.0, log=True),
                                         mask_ratio=trial.suggest_float("mask_ratio", 0.3, 0.9))
-        final = pretrain(RunConfig(DIGITS, TINY, objective_cfg, train), ProbeConfig(), trainer, data,
+        final = pretrain(RunRecipe(DIGITS, TINY, objective_cfg, train), ProbeConfig(), execution, data,
                          folder / str(trial.number), on_report=lambda metrics: None)
-        return final["objective"]
+        return final["validation"]
 
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
     study.optimize(objective, n_trials=trials)
@@ -90,7 +90,7 @@ def main() -> None:
     ways = {"plain_optuna": lambda folder: plain_optuna(args.trials, args.steps, Path(folder) / "plain"),
             "ray_one_worker": lambda folder: ray_sweep(args.trials, args.steps, folder, "one"),
             "ray_two_workers": lambda folder: ray_sweep(args.trials, args.steps, folder, "two",
-                                                        "trainer.num_workers=2")}
+                                                        "execution.num_workers=2")}
     with tempfile.TemporaryDirectory() as folder:
         for way, run in ways.items():
             started = time.perf_counter()

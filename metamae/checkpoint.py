@@ -13,8 +13,8 @@ import torch
 
 from metamae import __version__
 from metamae.files import atomic_file
-from metamae.model import MetaMAE, ModelConfig, ObjectiveConfig
 from metamae.modality import spec_from_dict
+from metamae.model import MetaMAE, ModelConfig, ObjectiveConfig
 
 FILENAME = "checkpoint.pt"
 

@@ -13,8 +13,8 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from metamae.model import ModelConfig, ObjectiveConfig
 from metamae.modality import Spec, spec_from_dict
+from metamae.model import ModelConfig, ObjectiveConfig
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 # Each dataset metric and whether a sweep maximises or minimises it (every one is better higher).
@@ -22,14 +22,6 @@ METRICS = {"accuracy": "max", "binary_accuracy": "max", "weighted_f1": "max", "a
            "pearson": "max"}
 SOURCES = ("digits", "synthetic", "shards")
 PROBES = ("converged", "paper")
-
-
-@dataclass
-class ObjectiveDefaults:
-    """A dataset's objective settings, which the pretraining config starts from (see pretrain.yaml)."""
-    mask_ratio: float = 0.5            # the published training script's defaults
-    contrastive_weight: float = 0.1
-    inner_lr: float = 0.5
 
 
 @dataclass
@@ -49,7 +41,6 @@ class DatasetConfig:
     probe_test_split: str = "test"
     source: str = "shards"             # digits | synthetic | shards
     path: Optional[str] = None         # the shard folder, for source=shards; made absolute (Ray moves cwd)
-    objective: ObjectiveDefaults = field(default_factory=ObjectiveDefaults)
 
     def __post_init__(self):
         if self.metric is not None and self.metric not in METRICS:
@@ -95,9 +86,10 @@ class TrainConfig:
 
 
 @dataclass
-class TrainerConfig:
-    """Ray Train around the step function: workers, devices, checkpoints, failures."""
-    ray: bool = True                   # false: the plain one-process loop of metamae.train
+class ExecutionConfig:
+    """How a run executes: in one process or as Ray Train workers; devices, checkpoints, failures and
+    the online probe (none of which changes what is trained: that is RunRecipe's)."""
+    ray: bool = True                   # false: the loop in this one process, without Ray
     num_workers: int = 1               # data-parallel workers; each gets batch_size / num_workers
     use_gpu: bool = False
     cpus_per_worker: float = 0.5       # four one-worker sweep trials at once on 2 CPUs
@@ -112,9 +104,9 @@ class TrainerConfig:
 
     def __post_init__(self):
         if self.num_workers < 1:
-            raise ValueError(f"trainer.num_workers is {self.num_workers}; expected >= 1")
+            raise ValueError(f"execution.num_workers is {self.num_workers}; expected >= 1")
         if self.bf16 and not self.use_gpu:
-            raise ValueError("trainer.bf16 is for GPU runs: set trainer.use_gpu=true, or leave it false on CPUs")
+            raise ValueError("execution.bf16 is for GPU runs: set execution.use_gpu=true, or leave it false on CPUs")
 
 
 @dataclass
@@ -157,7 +149,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 
 
@@ -178,7 +170,7 @@ class EvaluateConfig:
 def manifest_name(path: Optional[str]) -> str:
     """The name in the manifest of the prepared folder `path`: the resolver ${manifest_name:PATH},
     with which configs/dataset/custom.yaml names runs and sweeps after the dataset."""
-    from metamae.data.load import prepare_command          # metamae.data imports this module
+    from metamae.data.load import prepare_command  # metamae.data imports this module
     from metamae.data.shards import MANIFEST, Manifest
     if path is None:
         raise ValueError(f"dataset.path is not set: point it at a folder prepared with "

@@ -13,10 +13,11 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from metamae.checkpoint import load_checkpoint, model_from_checkpoint
-from metamae.config import CONFIG_DIR, DatasetConfig, EvaluateConfig, register, to_object
+from metamae.config import CONFIG_DIR, DatasetConfig, EvaluateConfig, to_object
 from metamae.data import load_dataset
 from metamae.linear_eval import PREDICTIONS, ProbeResult, linear_probe
 from metamae.modality import spec_from_dict
+from metamae.process import start_command
 
 
 def run(cfg: EvaluateConfig) -> ProbeResult:
@@ -47,7 +48,6 @@ def main(cfg: DictConfig) -> None:
     run(to_object(cfg))
 
 
-register()
-
 if __name__ == "__main__":
+    start_command()
     main()

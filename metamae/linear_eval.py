@@ -34,8 +34,8 @@ from sklearn.multiclass import OneVsRestClassifier
 
 from metamae.config import DatasetConfig, ProbeConfig
 from metamae.data.arrays import Split, batches
-from metamae.model import MetaMAE
 from metamae.modality import Spec, spec_parts, to_device
+from metamae.model import MetaMAE
 
 CLASS_METRICS = ("accuracy", "weighted_f1", "binary_accuracy")     # one class index per example
 MAX_RAW_FEATURES = 50_000     # raw inputs with more features per row are not probed (MSCOCO's: 1.1 M)

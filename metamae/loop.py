@@ -31,14 +31,15 @@ import torch
 from tensorboardX import SummaryWriter
 
 from metamae.checkpoint import FILENAME, load_checkpoint, save_checkpoint
-from metamae.config import ProbeConfig, TrainerConfig
+from metamae.config import ExecutionConfig, ProbeConfig
 from metamae.data.arrays import ArrayDataset, Dataset, batches_from_step, endless_batches, to_tensors
 from metamae.health import Health
 from metamae.linear_eval import PREDICTIONS, linear_probe, online_probe
-from metamae.model import MetaMAE
 from metamae.modality import to_device
-from metamae.train import (NonFiniteLoss, RunConfig, StopSignals, check_same_run, compile_loss, configure_process,
-                           make_optimizer, restore_optimizer, train_step)
+from metamae.model import MetaMAE
+from metamae.process import start_training
+from metamae.train import (NonFiniteLoss, RunRecipe, StopSignals, check_same_run, compile_loss, make_optimizer,
+                           restore_optimizer, train_step)
 
 BEST = "best"                   # the run folder's copy of the best checkpoint by the online probe
 RESULTS = "results.json"
@@ -71,19 +72,19 @@ class Session(Protocol):
         """This worker's input batches from step+1 on where the session streams them (Ray Data), else None."""
 
 
-def run_pretraining(run: RunConfig, probe: ProbeConfig, trainer: TrainerConfig, data: Dataset, out_dir: Path,
+def run_pretraining(run: RunRecipe, probe: ProbeConfig, execution: ExecutionConfig, data: Dataset, out_dir: Path,
                     session: Session) -> dict[str, Any]:
     """Pretrain from the session's latest checkpoint to run.train.steps and evaluate; the last metrics
     reported, or {'step', 'error'} (a NaN loss) or {'step', 'stopped'} (the session asked to stop)."""
     cfg, dataset, out_dir = run.train, run.dataset, Path(out_dir)
     rank, world, device = session.rank, session.world, session.device
-    configure_process(cfg)
+    start_training(cfg)
     torch.manual_seed(cfg.seed)
     model = MetaMAE(data.spec, run.model, run.objective)
     state = restore(session.saved(), model, run)
     if state["step"] >= cfg.steps and state["metrics"] is not None:
         # A finished run started again (a resumed sweep reruns a trial whose last reports it had not
-        # recorded): its final metrics, the objective among them, go out again instead of nothing.
+        # recorded): its final metrics, the validation score among them, go out again instead of nothing.
         session.report(state["metrics"], None)
         return state["metrics"]
     if cfg.compile:
@@ -109,7 +110,7 @@ def run_pretraining(run: RunConfig, probe: ProbeConfig, trainer: TrainerConfig, 
             torch.manual_seed(seed_for(cfg.seed, rank, step))               # dropout: a function of the step
             masking, support = step_noise(run, model.tokenizer.num_tokens, step, rank, world, device)
             try:
-                with autocast(trainer, device):
+                with autocast(execution, device):
                     scalars = train_step(step_model, optimizer, to_device(x, device), step, masking, support,
                                          mean=session.mean)
             except NonFiniteLoss as error:                        # every worker stops at this step
@@ -123,13 +124,13 @@ def run_pretraining(run: RunConfig, probe: ProbeConfig, trainer: TrainerConfig, 
                 with checkpoint(step, metrics) as folder:
                     session.report(metrics, folder)
                 return {"step": step, "stopped": True}
-            probe_now = last or (trainer.probe_every and step % trainer.probe_every == 0)
+            probe_now = last or (execution.probe_every and step % execution.probe_every == 0)
             checkpoint_now = last or step % cfg.checkpoint_every == 0
             if not (last or probe_now or checkpoint_now or step % cfg.log_every == 0):
                 continue
             metrics = {"step": step}                 # step and probe first: Tune's table shows the first four
             if probe_now and rank == 0:
-                online = online_probe(model, data, dataset, trainer.probe_examples)
+                online = online_probe(model, data, dataset, execution.probe_examples)
                 metrics["probe"] = online.score
                 health.probed(online.feature_spread)
                 if best is None or metrics["probe"] > best:
@@ -155,7 +156,7 @@ def run_pretraining(run: RunConfig, probe: ProbeConfig, trainer: TrainerConfig, 
 
 
 @contextlib.contextmanager
-def save_to_report(out_dir: Path, model: MetaMAE, optimizer, step: int, run: RunConfig, best: Optional[float],
+def save_to_report(out_dir: Path, model: MetaMAE, optimizer, step: int, run: RunRecipe, best: Optional[float],
                    metrics: dict[str, Any], rank: int) -> Iterator[Optional[Path]]:
     """Rank 0: a folder holding this step's checkpoint (with the metrics reported with it), for the
     session to keep while the block runs; other ranks: None."""
@@ -171,19 +172,19 @@ def save_to_report(out_dir: Path, model: MetaMAE, optimizer, step: int, run: Run
 
 
 def final_evaluation(model: MetaMAE, data, probe: ProbeConfig, out_dir: Path, step: int,
-                     metrics: dict[str, float], run: RunConfig) -> dict[str, float]:
-    """The linear evaluation at the last step: `objective` is its validation score (what a sweep
-    chooses on), `test` and `fit` its scores on the test split and on the examples it was fitted to.
+                     metrics: dict[str, float], run: RunRecipe) -> dict[str, float]:
+    """The linear evaluation at the last step: `validation` is its score on the validation split (what a
+    sweep chooses on), `test` and `fit` its scores on the test split and on the examples it was fitted to.
     Writes results.json (every score with its split) and the test predictions."""
     result = linear_probe(model, data, run.dataset, probe)
     result.test_predictions.save(out_dir / PREDICTIONS)
-    scores = {"objective": result.validation, "test": result.test, "fit": result.train}
+    scores = {"validation": result.validation, "test": result.test, "fit": result.train}
     (out_dir / RESULTS).write_text(json.dumps({"step": step, **metrics, **scores, "probe_result": result.summary()},
                                               indent=2))
     return scores
 
 
-def restore(saved: Iterator[tuple[str, ContextManager[Path]]], model: MetaMAE, run: RunConfig) -> dict[str, Any]:
+def restore(saved: Iterator[tuple[str, ContextManager[Path]]], model: MetaMAE, run: RunRecipe) -> dict[str, Any]:
     """Load the newest checkpoint that can be read into `model`, saying which where a newer one cannot;
     the step, best probe, optimizer state and metrics it holds (step 0 where there is none)."""
     unreadable = []
@@ -214,7 +215,7 @@ class UnreadableCheckpoints(RuntimeError):
     """Every checkpoint of a run to be resumed is truncated or corrupt."""
 
 
-def best_probe_so_far(out_dir: Path, run: RunConfig, restored: Optional[float]) -> Optional[float]:
+def best_probe_so_far(out_dir: Path, run: RunRecipe, restored: Optional[float]) -> Optional[float]:
     """The online probe a new best must beat: the restored checkpoint's best, or the run folder's
     best/ copy's where a probe after that checkpoint improved it before a failure. A best/ of another
     dataset, model or objective, or one that cannot be read, does not count: this run's first
@@ -231,7 +232,7 @@ def best_probe_so_far(out_dir: Path, run: RunConfig, restored: Optional[float]) 
     return max(values) if values else None
 
 
-def inputs_from_step(data: Dataset, run: RunConfig, rank: int, world: int, step: int) -> Iterator:
+def inputs_from_step(data: Dataset, run: RunRecipe, rank: int, world: int, step: int) -> Iterator:
     """This worker's input batches for steps step+1, step+2, ...: its rows of each global batch.
 
     In-memory datasets: their rows of `batches_from_step`, exactly the batches of an uninterrupted
@@ -246,7 +247,7 @@ def inputs_from_step(data: Dataset, run: RunConfig, rank: int, world: int, step:
     return (x for x, _ in endless_batches(data, split, batch_size, seed=seed + step))
 
 
-def step_noise(run: RunConfig, num_tokens: int, step: int, rank: int, world: int, device):
+def step_noise(run: RunRecipe, num_tokens: int, step: int, rank: int, world: int, device):
     """Step s's masking and support draws for the global batch (seeded with (seed, s)); this worker's rows."""
     generator = torch.Generator().manual_seed(seed_for(run.train.seed, step))
     B, local = run.dataset.batch_size, run.dataset.batch_size // world
@@ -260,9 +261,9 @@ def seed_for(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
-def autocast(trainer: TrainerConfig, device: torch.device):
-    """bfloat16 autocast on GPUs that support it (trainer.bf16); nothing otherwise."""
-    if trainer.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported():
+def autocast(execution: ExecutionConfig, device: torch.device):
+    """bfloat16 autocast on GPUs that support it (execution.bf16); nothing otherwise."""
+    if execution.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -336,21 +337,21 @@ class LocalSession:
         return None
 
 
-def pretrain(run: RunConfig, probe: ProbeConfig, trainer: TrainerConfig, data: Dataset, out_dir: Path,
+def pretrain(run: RunRecipe, probe: ProbeConfig, execution: ExecutionConfig, data: Dataset, out_dir: Path,
              on_report: Optional[Callable[[dict[str, Any]], None]] = None,
              stop: Optional[StopSignals] = None) -> dict[str, Any]:
     """Pretrain in this process into `out_dir` (resuming from its newest checkpoint) and evaluate; the
     final metrics. Each report goes to `on_report` (default: a printed line). Raises NonFiniteLoss for
     a NaN loss, and Interrupted where a signal of `stop` stopped it, each naming the checkpoint kept."""
-    device = "cuda" if trainer.use_gpu else run.train.device
-    session = LocalSession(out_dir, trainer.keep_checkpoints, device, on_report or progress_line(run),
+    device = "cuda" if execution.use_gpu else run.train.device
+    session = LocalSession(out_dir, execution.keep_checkpoints, device, on_report or progress_line(run),
                            stop.requested if stop else lambda: False)
-    ended = run_pretraining(run, probe, trainer, data, out_dir, session)
+    ended = run_pretraining(run, probe, execution, data, out_dir, session)
     raise_if_ended_early(ended, str(next(iter(session.folders()), "none was saved")), stop)
     return ended
 
 
-def progress_line(run: RunConfig) -> Callable[[dict[str, Any]], None]:
+def progress_line(run: RunRecipe) -> Callable[[dict[str, Any]], None]:
     """Print a report as one line: `[method] step s/S name=value ...`."""
     def show(metrics: dict[str, Any]) -> None:
         values = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "step" and isinstance(v, float))

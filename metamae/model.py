@@ -10,7 +10,7 @@ The inner step differentiates B · ℓ_s, as the published code does: ℓ_s aver
 so the factor B (the global batch size) makes each example's step independent of the batch size.
 With `method="mae"` the inner step and the contrastive term are switched off and this is MAE.
 The exact computation (draws, support set, normalisers, initialisation) follows the authors'
-published code; see shared/metamae-objective.md and tests/test_objective.py, which pins it.
+published code, as docs/objective.md states it; tests/test_objective.py pins it.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """python -m metamae.pretrain [dataset=digits] [model=tiny] [train.steps=5000] [baselines=true]
-                           [trainer.num_workers=2] [trainer.use_gpu=true] [trainer.ray=false]
+                           [execution.num_workers=2] [execution.use_gpu=true] [execution.ray=false]
 
 Pretrains with Ray Train (on a local Ray, or the cluster RAY_ADDRESS names), or with
-trainer.ray=false in this process, then evaluates the encoder by linear probing. With
+execution.ray=false in this process, then evaluates the encoder by linear probing. With
 baselines=true it also pretrains MAE and probes a random-init encoder and the raw inputs, side by side.
 """
 from __future__ import annotations
@@ -18,14 +18,15 @@ import ray
 import torch
 from omegaconf import DictConfig
 
-from metamae.config import CONFIG_DIR, ExperimentConfig, PretrainConfig, register, to_object
+from metamae.config import CONFIG_DIR, ExperimentConfig, PretrainConfig, to_object
 from metamae.data import Dataset, load_dataset
 from metamae.distributed.trainer import connect_ray, fit
-from metamae.linear_eval import ProbeResult, linear_probe, raw_input_probe, split_names
-from metamae.model import MetaMAE
 from metamae.files import DiskFull
+from metamae.linear_eval import ProbeResult, linear_probe, raw_input_probe, split_names
 from metamae.loop import RESULTS, pretrain
-from metamae.train import Interrupted, NonFiniteLoss, RunConfig, StopSignals
+from metamae.model import MetaMAE
+from metamae.process import start_command
+from metamae.train import Interrupted, NonFiniteLoss, RunRecipe, StopSignals
 
 
 def random_init_encoder(data: Dataset, cfg: ExperimentConfig) -> MetaMAE:
@@ -53,19 +54,19 @@ def run(cfg: PretrainConfig) -> dict[str, dict]:
     out_dir = Path(cfg.out_dir)
     data, dataset = load_dataset(cfg.dataset, seed=cfg.train.seed)
     cfg = dataclasses.replace(cfg, dataset=dataset)
-    if cfg.trainer.ray and not ray.is_initialized():
+    if cfg.execution.ray and not ray.is_initialized():
         connect_ray()
     methods = ["metamae", "mae"] if cfg.baselines else [cfg.objective.method]
     results = {}
     for method in methods:
         objective = dataclasses.replace(cfg.objective, method=method)
-        run_config = RunConfig(cfg.dataset, cfg.model, objective, cfg.train)
-        if cfg.trainer.ray:                              # the final report reaches the driver through Ray
-            final = fit(run_config, cfg.probe, cfg.trainer, out_dir / method, stop_on_sigterm=True).metrics
+        recipe = RunRecipe(cfg.dataset, cfg.model, objective, cfg.train)
+        if cfg.execution.ray:                              # the final report reaches the driver through Ray
+            final = fit(recipe, cfg.probe, cfg.execution, out_dir / method, stop_on_sigterm=True).metrics
         else:
             with StopSignals() as signals:
-                final = pretrain(run_config, cfg.probe, cfg.trainer, data, out_dir / method, stop=signals)
-        results[method] = ProbeResult(cfg.dataset.metric, cfg.probe.method, validation=final["objective"],
+                final = pretrain(recipe, cfg.probe, cfg.execution, data, out_dir / method, stop=signals)
+        results[method] = ProbeResult(cfg.dataset.metric, cfg.probe.method, validation=final["validation"],
                                       test=final["test"], train=final["fit"],
                                       splits=split_names(cfg.dataset, cfg.probe)).summary()
     if cfg.baselines:
@@ -98,7 +99,6 @@ def main(cfg: DictConfig) -> None:
         sys.exit(f"error: {error}")
 
 
-register()
-
 if __name__ == "__main__":
+    start_command()
     main()

@@ -1,11 +1,10 @@
-"""Pretraining's parts: the step, the optimizer, the process's settings, and a stop on a signal.
+"""Pretraining's parts: the step, the optimizer, compiling the loss, and a stop on a signal.
 
 `train_step` is the step that the one loop (metamae/loop.py) runs in every mode: the plain command,
 a one-worker sweep trial, each Ray Train worker.
 """
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import math
 import signal
@@ -65,43 +64,16 @@ class StopSignals:
                            f"{kept}", self.signum)
 
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3      # mallopt's parameters, from glibc's malloc.h
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep the memory a training step frees, for the next step to reuse.
-
-    By default glibc hands freed memory back to the kernel: each block over its mmap threshold (128
-    KiB, raised on the fly up to 32 MiB) as it is freed, and the heap's top once that exceeds the
-    trim threshold. Most of a CPU step's activations are such blocks, so every step faults their
-    pages in afresh: 7-25 thousand page faults per `dabs` step, 1-10 % of its time on two cores
-    (bench/allocator.py). The process's peak memory grows by up to 4 %; it no longer shrinks after it.
-    Returns False where the C library has no mallopt (macOS, changing nothing) or refuses a setting.
-    """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (AttributeError, OSError, TypeError):
-        return False
-    return bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1)) and bool(mallopt(M_MMAP_THRESHOLD, 2**30))
-
-
-def configure_process(cfg: TrainConfig) -> None:
-    """Process-wide settings of a training process: torch's intra-op threads, the allocator."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    keep_freed_memory()
-
-
 def compile_loss(model: MetaMAE, backend: str = "inductor") -> None:
     """torch.compile the model's loss, forward and backward, the inner step's double backward included.
 
-    Dropout keeps drawing eager mode's random stream (inductor's fallback_random, set process-wide),
-    so a compiled run draws what an eager one does. On 2 CPU cores the first step compiles for 1-2
-    minutes; a `dabs` PAMAP2 step then takes 0.84 of its eager time for MetaMAE (second order), 0.93
-    for MAE (bench/step.py --compile, paired). Shapes stay static: a batch of a new size compiles
-    again, where a dynamic batch dimension would fail to trace the masking draw (torch.rand).
+    Dropout keeps drawing eager mode's random stream (inductor's fallback_random, which
+    metamae.process.start_training sets for train.compile), so a compiled run draws what an eager one
+    does. On 2 CPU cores the first step compiles for 1-2 minutes; a `dabs` step then takes 0.94-0.98
+    of its eager time for MetaMAE (second order), 0.97-1.01 for MAE (bench/step.py --compile, paired).
+    Shapes stay static: a batch of a new size compiles again, where a dynamic batch dimension would
+    fail to trace the masking draw (torch.rand).
     """
-    torch._inductor.config.fallback_random = True
     model.compile(backend=backend, dynamic=False)
 
 
@@ -153,8 +125,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x, step
 
 
 @dataclass
-class RunConfig:
-    """What a run needs to be rebuilt later; stored in its checkpoint."""
+class RunRecipe:
+    """What a run trains, and on what: stored in its checkpoint, from which it is rebuilt."""
     dataset: DatasetConfig
     model: ModelConfig
     objective: ObjectiveConfig
@@ -164,7 +136,7 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-def check_same_run(saved: dict[str, Any], run: RunConfig, where: str) -> None:
+def check_same_run(saved: dict[str, Any], run: RunRecipe, where: str) -> None:
     """A run resumes only from a checkpoint of the same dataset, model and objective."""
     for part in ("dataset", "model", "objective"):
         if saved[part] != run.to_dict()[part]:

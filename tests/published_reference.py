@@ -1,7 +1,7 @@
 """Test oracle: an independent, plain-PyTorch re-implementation of the published MetaMAE objective.
 
-This module re-implements, from the specification in ``shared/metamae-objective.md`` (which
-describes alinlab/MetaMAE, ``models.py``), the published MAE / MetaMAE model and loss.  It is used
+This module re-implements, from the specification in ``docs/objective.md`` (which describes
+alinlab/MetaMAE, ``models.py``), the published MAE / MetaMAE model and loss.  It is used
 ONLY by tests, as an oracle that the project's implementation is compared against draw for draw:
 the two random draws of a loss call (masking noise ``u0`` and support uniforms ``u1``, both
 B x N float32) are passed in explicitly.  It deliberately imports nothing from the project and
@@ -207,12 +207,12 @@ class RefMetaMAE(nn.Module):
 
     # ---------------------------------------------------------------- losses
     def recon_loss(self, pred, target, weight):
-        """sum(w * l) / sum(w) over the whole batch; l per token: B x N."""
+        """sum(w * loss) / sum(w) over the whole batch; loss per token: B x N."""
         if self.kind == "tokens":
-            l = F.cross_entropy(pred, target, reduction="none")    # B x N
+            loss = F.cross_entropy(pred, target, reduction="none")    # B x N
         else:
-            l = ((pred - target) ** 2).mean(dim=-1)                # B x N
-        return (l * weight).sum() / weight.sum()
+            loss = ((pred - target) ** 2).mean(dim=-1)                # B x N
+        return (loss * weight).sum() / weight.sum()
 
     def nearby(self, mask):
         """visible or with a visible neighbour (1-D: left/right; 2-D: 4-neighbourhood), zero padding."""

@@ -1,6 +1,6 @@
 """The cluster YAMLs: they pass the checks `ray up` makes before it calls the cloud, keep the dashboard
 private and token authentication on, and their node types autoscale. The last runs the real sweep
-(tune/sweep.py with sweep.autoscaling=true, so trainer.check_resources=false) on Ray's fake
+(tune/sweep.py with sweep.autoscaling=true, so execution.check_resources=false) on Ray's fake
 multi-node provider, with a config generated from cluster/aws-gpu.yaml (cluster/fake_cluster.py)
 and the YAML's start-up environment. The head has no CPU, as in the YAML, so every trial's process
 (one worker: it pretrains itself) must wait for a node that the autoscaler adds; they run there, and
@@ -8,7 +8,7 @@ the worker node goes away once it has been idle for the (shortened) idle timeout
 
 Not exercised here: the GPU path. The machine has no GPU; the fake cluster turns the YAML's GPUs
 into the custom resource fake_GPU, which the sweep does not ask for, so the sweep runs on CPUs
-(trainer.use_gpu=false) and gets the smallest node type that holds its CPUs.
+(execution.use_gpu=false) and gets the smallest node type that holds its CPUs.
 
 The fake cluster is a `ray start --head` of its own (its own ports and temp dir, so that other Rays
 on the machine neither see nor disturb it), stopped by killing the processes of its session, never
@@ -31,10 +31,11 @@ import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # `cluster` is a folder beside `tests`, not an installed package
+sys.path.insert(0, str(ROOT))  # `cluster` and `tests` are folders, not installed packages (run as a script too)
 
 from cluster.fake_cluster import fake_config, head_start_args, load, start_env  # noqa: E402
-from ray_head import ray_head  # noqa: E402
+from metamae.private_apis import reservations, validate_cluster_config  # noqa: E402
+from tests.ray_head import ray_head  # noqa: E402
 
 YAMLS = sorted((ROOT / "cluster").glob("*.yaml"))
 AUTOSCALED = ROOT / "cluster" / "aws-gpu.yaml"
@@ -52,10 +53,9 @@ LOOK_TIMEOUT_S = 30        # one look at the GCS's tables
 
 @pytest.mark.parametrize("path", YAMLS, ids=lambda p: p.name)
 def test_config_validates(path):
-    from ray.autoscaler._private.util import prepare_config, validate_config  # what `ray up` calls
-
-    validate_config(prepare_config(load(path)))
-    validate_config(fake_config(path, gcs_address="127.0.0.1:6379", idle_timeout_minutes=IDLE_TIMEOUT_MINUTES))
+    validate_cluster_config(load(path))
+    validate_cluster_config(fake_config(path, gcs_address="127.0.0.1:6379", idle_timeout_minutes=IDLE_TIMEOUT_MINUTES),
+                            fill_defaults=False)
 
 
 @pytest.mark.parametrize("path", YAMLS, ids=lambda p: p.name)
@@ -119,7 +119,7 @@ def test_fake_cluster_grows_for_the_sweep_and_shrinks_when_idle(fake_cluster):
                            env=env, capture_output=True, text=True, timeout=SWEEP_TIMEOUT_S)
     ended = time.time()
     if sweep.returncode != 0 or f"{TRIALS} finished, 0 stopped early, 0 failed" not in sweep.stdout:
-        # Both trials run to the end and report the objective (the final linear evaluation).
+        # Both trials run to the end and report their validation score (the final linear evaluation).
         pytest.fail(f"the sweep's output:\n{sweep.stdout[-5000:]}\n{sweep.stderr[-5000:]}", pytrace=False)
     table = pd.read_csv(work / "sweeps" / "fake" / "digits.csv")
     assert list(table["outcome"]) == ["finished"] * TRIALS and table["validation"].notna().all()
@@ -145,7 +145,7 @@ def test_fake_cluster_grows_for_the_sweep_and_shrinks_when_idle(fake_cluster):
         assert started < node["start"] < ended, node
 
     # Everything of the sweep that asked for CPUs ran on those workers: the trials' processes, each
-    # pretraining itself (trainer.cpus_per_worker; one process may run several trials: reuse_actors).
+    # pretraining itself (execution.cpus_per_worker; one process may run several trials: reuse_actors).
     on_cpus = [actor for actor in history["actors"] if actor["cpus"] > 0]
     assert 1 <= len(on_cpus) <= TRIALS and {(actor["class"], actor["cpus"]) for actor in on_cpus} == {
         ("ImplicitFunc", 0.5)}, on_cpus
@@ -189,18 +189,13 @@ def _train_reservations() -> list[str]:
     A Ray Train V2 run asks the cluster's AutoscalingCoordinator actor for its workers' resources,
     which passes them on as `request_resources`, and cancels the request when it ends or is aborted.
     A run killed instead leaves its request until it expires, 180 s later, and the autoscaler removes
-    no node that such a request needs. (A private Ray API, as of Ray 2.60.)
+    no node that such a request needs.
     """
     import ray
 
     ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
     try:
-        try:
-            coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
-        except ValueError:
-            return []  # no Train run asked
-        return ray.get(coordinator.__ray_call__.remote(lambda self: list(self._ongoing_reqs)),
-                       timeout=LOOK_TIMEOUT_S)
+        return reservations(LOOK_TIMEOUT_S)
     finally:
         ray.shutdown()
 

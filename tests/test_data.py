@@ -6,8 +6,8 @@ from omegaconf.errors import InterpolationResolutionError
 
 from metamae.config import CONFIG_DIR, DatasetConfig, register, to_object
 from metamae.data import load_dataset
-from metamae.data.converters import custom
 from metamae.data.arrays import ArrayDataset, Split, batches, endless_batches
+from metamae.data.converters import custom
 from metamae.data.digits import digits
 from metamae.data.synthetic import synthetic
 from metamae.modality import ImageSpec, TabularSpec, TimeSeriesSpec, spec_from_dict, spec_to_dict

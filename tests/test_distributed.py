@@ -11,24 +11,22 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from ray.util.state import list_actors
 
-from conftest import SPECS, random_batch, tiny_model
-
 from metamae.checkpoint import FILENAME, load_checkpoint, save_checkpoint
+from metamae.config import DatasetConfig, ExecutionConfig, ProbeConfig, TrainConfig
 from metamae.data.converters.digits import convert
 from metamae.data.digits import digits
 from metamae.distributed.collectives import ProcessGroupBatch
-from metamae.config import DatasetConfig, ProbeConfig, TrainConfig, TrainerConfig
-from metamae.distributed.trainer import ResourceRequestError, default_environment, fit
-from metamae.loop import BEST, best_probe_so_far, pretrain
+from metamae.distributed.trainer import ResourceRequestError, fit
 from metamae.distributed.tune_reports import ReportQueue
+from metamae.loop import BEST, best_probe_so_far, pretrain
 from metamae.model import MetaMAE, ModelConfig, ObjectiveConfig
-from metamae.train import NonFiniteLoss, RunConfig
+from metamae.train import NonFiniteLoss, RunRecipe
+from tests.conftest import SPECS, random_batch, tiny_model
 
 SMALL = ModelConfig(enc_width=32, enc_depth=2, enc_heads=4, dec_width=16, dec_depth=1, dec_heads=2, dropout=0.0)
 DIGITS = DatasetConfig(name="digits", input={"kind": "image", "channels": 1, "height": 8, "width": 8, "patch": 2},
@@ -91,21 +89,13 @@ def test_two_processes_average_to_the_one_process_loss_and_gradients_in_float64(
             assert torch.allclose(torch.from_numpy(g), one_grads[name], atol=1e-12), (case, name)
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    default_environment()
-    ray.init(num_cpus=2, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-def run_config(steps: int, checkpoint_every: int, lr: float = 1e-3) -> RunConfig:
-    return RunConfig(DIGITS, SMALL, ObjectiveConfig(), TrainConfig(steps=steps, lr=lr, log_every=steps,
+def run_config(steps: int, checkpoint_every: int, lr: float = 1e-3) -> RunRecipe:
+    return RunRecipe(DIGITS, SMALL, ObjectiveConfig(), TrainConfig(steps=steps, lr=lr, log_every=steps,
                                                                    checkpoint_every=checkpoint_every))
 
 
-def trainer(workers: int, **overrides) -> TrainerConfig:
-    return TrainerConfig(num_workers=workers, probe_every=0, probe_examples=64, **overrides)
+def execution(workers: int, **overrides) -> ExecutionConfig:
+    return ExecutionConfig(num_workers=workers, probe_every=0, probe_examples=64, **overrides)
 
 
 def test_two_workers_follow_one_worker_with_the_same_global_batch(local_ray, tmp_path):
@@ -117,10 +107,10 @@ def test_two_workers_follow_one_worker_with_the_same_global_batch(local_ray, tmp
     The plain loop in this process runs the same loop (metamae/loop.py) as one Ray Train worker: the
     same losses to 1e-6 (the processes' thread counts, so their sums' order, differ), the weights as
     above."""
-    plain = pretrain(run_config(8, 8), QUICK_PROBE, trainer(1), DIGITS_DATA, tmp_path / "plain",
+    plain = pretrain(run_config(8, 8), QUICK_PROBE, execution(1), DIGITS_DATA, tmp_path / "plain",
                      on_report=lambda metrics: None)
-    one = fit(run_config(8, 8), QUICK_PROBE, trainer(1), tmp_path / "one").metrics
-    two = fit(run_config(8, 8), QUICK_PROBE, trainer(2), tmp_path / "two").metrics
+    one = fit(run_config(8, 8), QUICK_PROBE, execution(1), tmp_path / "one").metrics
+    two = fit(run_config(8, 8), QUICK_PROBE, execution(2), tmp_path / "two").metrics
     for term in ("total", "reconstruction", "contrastive", "support_before", "support_after"):
         assert one[term] == pytest.approx(plain[term], rel=1e-6), term
         assert two[term] == pytest.approx(one[term], rel=1e-4), term
@@ -134,12 +124,12 @@ def test_two_workers_follow_one_worker_with_the_same_global_batch(local_ray, tmp
 def test_a_finished_run_started_again_reports_its_final_metrics_again(local_ray, tmp_path):
     """A sweep killed after a trial's Train run had finished, but before Tune recorded its last
     reports, reruns that trial when it resumes: the run, restored at its last step, must report its
-    final metrics (the objective) again, not end with no report at all."""
-    first = fit(run_config(4, 4), QUICK_PROBE, trainer(1), tmp_path)
+    final metrics (the validation score) again, not end with no report at all."""
+    first = fit(run_config(4, 4), QUICK_PROBE, execution(1), tmp_path)
     reports = ReportQueue()
-    fit(run_config(4, 4), QUICK_PROBE, trainer(1), tmp_path, callbacks=[reports])
+    fit(run_config(4, 4), QUICK_PROBE, execution(1), tmp_path, callbacks=[reports])
     again = [report for report, _ in reports.queue.get_nowait_batch(reports.queue.qsize())]
-    assert [r["step"] for r in again] == [4] and again[0]["objective"] == first.metrics["objective"], again
+    assert [r["step"] for r in again] == [4] and again[0]["validation"] == first.metrics["validation"], again
 
 
 def test_a_restarted_run_keeps_the_best_probe_its_best_folder_holds(tmp_path):
@@ -172,7 +162,7 @@ def registered_checkpoints(run_dir: Path) -> int:
 def test_a_killed_worker_is_replaced_and_training_continues_from_the_last_checkpoint(local_ray, tmp_path):
     out_dir, box = tmp_path / "run", {}
     thread = threading.Thread(target=lambda: box.update(result=fit(
-        run_config(160, 10), QUICK_PROBE, trainer(2, max_failures=3), out_dir)))
+        run_config(160, 10), QUICK_PROBE, execution(2, max_failures=3), out_dir)))
     thread.start()
     deadline = time.time() + 300
     while not registered_checkpoints(out_dir):
@@ -191,37 +181,37 @@ def test_a_killed_worker_is_replaced_and_training_continues_from_the_last_checkp
 
 
 def test_a_nan_loss_stops_every_worker_naming_step_and_term_and_keeps_the_last_checkpoint(local_ray, tmp_path):
-    fit(run_config(10, 10), QUICK_PROBE, trainer(2), tmp_path)
+    fit(run_config(10, 10), QUICK_PROBE, execution(2), tmp_path)
     with pytest.raises(NonFiniteLoss, match=r"step 12: the \w+ loss is nan.*checkpoint_00000010"):
-        fit(run_config(20, 10, lr=float("inf")), QUICK_PROBE, trainer(2), tmp_path)   # resumes at step 10
+        fit(run_config(20, 10, lr=float("inf")), QUICK_PROBE, execution(2), tmp_path)   # resumes at step 10
     assert load_checkpoint(tmp_path)["step"] == 10
 
 
 def test_a_resume_whose_latest_checkpoint_is_corrupt_falls_back_to_the_newest_intact_one(local_ray, tmp_path):
-    fit(run_config(6, 2), QUICK_PROBE, trainer(1, keep_checkpoints=3), tmp_path)
+    fit(run_config(6, 2), QUICK_PROBE, execution(1, keep_checkpoints=3), tmp_path)
     for step, cut in [(6, 100), (4, 0)]:       # the latest truncated, the one before it emptied
         path = tmp_path / f"checkpoint_{step:08d}" / FILENAME
         path.write_bytes(path.read_bytes()[:cut])
-    again = fit(run_config(6, 2), QUICK_PROBE, trainer(1, keep_checkpoints=3, max_failures=0), tmp_path)
+    again = fit(run_config(6, 2), QUICK_PROBE, execution(1, keep_checkpoints=3, max_failures=0), tmp_path)
     assert again.metrics["resumed_from_step"] == 2 and again.metrics["step"] == 6
     assert load_checkpoint(tmp_path)["step"] == 6               # written again, whole
 
 
 def test_a_run_none_of_whose_checkpoints_can_be_read_fails_naming_each(local_ray, tmp_path):
-    fit(run_config(4, 2), QUICK_PROBE, trainer(1), tmp_path)
+    fit(run_config(4, 2), QUICK_PROBE, execution(1), tmp_path)
     for step in (2, 4):
         (tmp_path / f"checkpoint_{step:08d}" / FILENAME).write_bytes(b"not a checkpoint")
     with pytest.raises(Exception, match=r"UnreadableCheckpoints: no checkpoint of this run can be read "
                                         r"\(checkpoint_00000004, checkpoint_00000002 in .*another out_dir"):
-        fit(run_config(4, 2), QUICK_PROBE, trainer(1, max_failures=0), tmp_path)
+        fit(run_config(4, 2), QUICK_PROBE, execution(1, max_failures=0), tmp_path)
 
 
 def test_a_request_the_cluster_cannot_hold_fails_at_once_saying_what_was_asked_and_what_exists(local_ray, tmp_path):
     started = time.time()
     with pytest.raises(ResourceRequestError, match=r"asks for 4 workers of \{'CPU': 1\.0\}.*hold 2"):
-        fit(run_config(1, 1), QUICK_PROBE, trainer(4, cpus_per_worker=1.0), tmp_path)
+        fit(run_config(1, 1), QUICK_PROBE, execution(4, cpus_per_worker=1.0), tmp_path)
     with pytest.raises(ResourceRequestError, match=r"'GPU': 1"):
-        fit(run_config(1, 1), QUICK_PROBE, trainer(1, use_gpu=True), tmp_path)
+        fit(run_config(1, 1), QUICK_PROBE, execution(1, use_gpu=True), tmp_path)
     assert time.time() - started < 10
 
 
@@ -230,7 +220,7 @@ def test_two_workers_stream_their_parts_of_the_shards_through_ray_data(local_ray
     monkeypatch.chdir(tmp_path)                                    # a relative path, as configs/dataset/ give
     dataset = replace(DIGITS, source="shards", path="shards", input=None, num_classes=None, metric=None)
     run = replace(run_config(30, 30), dataset=dataset)
-    metrics = fit(run, QUICK_PROBE, trainer(2), tmp_path / "run").metrics
+    metrics = fit(run, QUICK_PROBE, execution(2), tmp_path / "run").metrics
     assert metrics["step"] == 30 and torch.isfinite(torch.tensor(metrics["total"]))
     assert 0 <= metrics["data_wait"] < 1 and metrics["samples_per_s"] > 0
-    assert 0 <= metrics["objective"] <= 1
+    assert 0 <= metrics["validation"] <= 1

@@ -1,7 +1,5 @@
 """Health signals: the inner step raising the support loss, a collapsed encoder, and a NaN, flagged in
 the run's reports and log, and a rule that stops such a trial in a real Tune run."""
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,9 +10,7 @@ from metamae.data.synthetic import synthetic
 from metamae.health import COLLAPSE_SPREAD, Health, unhealthy
 from metamae.linear_eval import online_probe
 from tests.conftest import SPECS, random_batch, tiny_model
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tune"))
-import sweep  # noqa: E402  (tune/ is a folder of scripts)
+from tune import sweep
 
 
 def support_change(inner_lr: float) -> dict[str, float]:

@@ -13,7 +13,7 @@ from metamae.data.synthetic import synthetic
 from metamae.linear_eval import (Features, carve_validation, decide, head_outputs, linear_probe, paired_bootstrap,
                                  raw_input_probe, score)
 from metamae.model import MetaMAE, ObjectiveConfig
-from tests.conftest import TINY, SPECS
+from tests.conftest import SPECS, TINY
 
 DIGITS = DatasetConfig(name="digits", input={"kind": "image", "channels": 1, "height": 8, "width": 8, "patch": 2},
                        num_classes=10, metric="accuracy", source="digits")
@@ -157,8 +157,8 @@ def test_the_bootstrap_resamples_whole_examples_for_per_token_rows():
 
 
 def test_raw_inputs_too_wide_to_hold_are_refused_and_a_validation_split_must_be_its_own():
-    from metamae.modality import ImageSpec, ImageTextSpec, TokenSpec
     from metamae.linear_eval import raw_feature_count
+    from metamae.modality import ImageSpec, ImageTextSpec, TokenSpec
     coco = ImageTextSpec(ImageSpec(3, 224, 224, 16), TokenSpec(30522, 32))
     assert raw_feature_count(coco) == 3 * 224 * 224 + 32 * 30522
     assert raw_feature_count(TokenSpec(4, 250)) == 1000 and raw_feature_count(TokenSpec(4, 250), per_token=True) == 4

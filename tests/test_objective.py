@@ -5,8 +5,8 @@ import re
 import pytest
 import torch
 
-from metamae.model import ModelConfig, random_masking, support_set, weighted_mean, weighted_rows
 from metamae.modality import nearby_1d, nearby_2d
+from metamae.model import ModelConfig, random_masking, support_set, weighted_mean, weighted_rows
 from tests.conftest import SPECS, random_batch, tiny_model
 from tests.published_reference import RefMetaMAE
 

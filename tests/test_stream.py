@@ -15,13 +15,6 @@ from metamae.distributed.stream import RayShardDataset, StreamConfig, read_split
 from tests.conftest import SPECS
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def prepare(folder, kind="image", train=300, test=50):
     data = synthetic(SPECS[kind], num_classes=3, train=train, test=test)
     writer = ShardWriter(folder, data.name, data.spec, 3, "accuracy", shard_bytes=40_000, progress=False)

@@ -2,6 +2,7 @@
 import threading
 
 import numpy as np
+import pytest
 import ray
 
 from metamae.data.shards import ShardWriter
@@ -43,9 +44,11 @@ class PeakMemory(threading.Thread):
             self.peak = max(self.peak, private_memory_mib())
 
 
+@pytest.mark.ray
 def test_streaming_a_dataset_larger_than_the_object_store_keeps_memory_bounded(tmp_path):
     write_large_dataset(tmp_path)
     dataset_bytes = ROWS * 52 * 320 * 4
+    ray.shutdown()            # the session's shared Ray, if it is up: this test needs a small object store
     ray.init(num_cpus=2, object_store_memory=OBJECT_STORE, log_to_driver=False)
     try:
         stream = RayShardDataset(tmp_path, StreamConfig(shuffle_buffer=256, cpu_limit=1))

@@ -15,20 +15,20 @@ import optuna
 import pandas as pd
 import pytest
 
-from ray_head import RAY, two_cpu_head
+from metamae.config import CONFIG_DIR, DatasetConfig
+from metamae.data.shards import ShardWriter
+from metamae.data.synthetic import synthetic
+from metamae.modality import ImageSpec, spec_from_dict
+from metamae.process import start_command
+from tests.ray_head import RAY, two_cpu_head
+from tune import sweep
+from tune.report import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tune"))
-import sweep  # noqa: E402  (tune/ is a folder of scripts)
-from metamae.config import CONFIG_DIR, DatasetConfig  # noqa: E402
-from metamae.data.shards import ShardWriter  # noqa: E402
-from metamae.data.synthetic import synthetic  # noqa: E402
-from metamae.modality import ImageSpec, spec_from_dict  # noqa: E402
-from report import write_report  # noqa: E402
 
 PORT, DASHBOARD_PORT = 6480, 8480               # not Ray's defaults, which other tests' Rays use
 QUICK = ["train.steps=20", "train.log_every=10", "sweep.grace_period=10", "sweep.reduction_factor=2",
-         "probe.epochs=1", "trainer.probe_examples=200", "trainer.cpus_per_worker=0.4", "sweep.baseline=false"]
+         "probe.epochs=1", "execution.probe_examples=200", "execution.cpus_per_worker=0.4", "sweep.baseline=false"]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def study_trials(sweep_dir: Path) -> list[optuna.trial.FrozenTrial]:
         return []                                                # the study is being created
 
 
-@pytest.mark.parametrize("mode, num_trials, kill_after", [([], 6, 3), (["trainer.num_workers=2"], 3, 1)],
+@pytest.mark.parametrize("mode, num_trials, kill_after", [([], 6, 3), (["execution.num_workers=2"], 3, 1)],
                          ids=["loop-in-trial", "ray-train-run"])
 def test_a_killed_sweep_resumes_keeping_finished_trials_and_the_study_history(head, tmp_path, mode, num_trials,
                                                                               kill_after):
@@ -210,14 +210,15 @@ def test_a_trial_gets_its_dotted_values_typed_and_checked():
 
 def test_a_trial_holds_its_worker_and_on_shards_keeps_a_cpu_share_for_its_ray_data_tasks():
     from dataclasses import replace
-    from metamae.config import TrainerConfig
+
+    from metamae.config import ExecutionConfig
     digits = sweep.SweepJobConfig(dataset=DatasetConfig(name="digits", source="digits"))
     shards = sweep.SweepJobConfig(dataset=DatasetConfig(name="pamap2", source="shards", path="data/pamap2"))
     for one_worker in (digits, shards):                     # the loop in the trial's process, reading its data
         assert sweep.trial_resources(one_worker) == sweep.TrialResources(({"CPU": 0.5},), ())
     in_bucket = replace(digits, sweep=replace(digits.sweep, dir="s3://bucket/sweeps"))   # a Ray Train run
     assert sweep.trial_resources(in_bucket) == sweep.TrialResources(({"CPU": 0.1},), ({"CPU": 0.5},))
-    streaming = replace(shards, trainer=TrainerConfig(num_workers=2))           # two workers stream through Ray Data,
+    streaming = replace(shards, execution=ExecutionConfig(num_workers=2))         # two workers stream through Ray Data,
     assert sweep.trial_resources(streaming).trial == ({"CPU": 0.1}, {"CPU": 1.0})  # in a CPU the trial reserves
     assert sweep.trial_resources(streaming).total()["CPU"] == pytest.approx(2.1)   # (tests/test_sweep_shards.py)
 
@@ -230,12 +231,19 @@ def test_a_trial_on_a_custom_dataset_carries_the_manifests_name_input_classes_an
     writer.add("train", data.train.x, data.train.y)
     writer.add("test", data.test.x, data.test.y)
     writer.finish()
-    with hydra.initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        job = hydra.compose("sweep", overrides=["dataset=custom", f"dataset.path={tmp_path / 'mine'}"])
+    job = compose_sweep(["dataset=custom", f"dataset.path={tmp_path / 'mine'}"])
     [(_, base, _)] = sweep.studies(job)
     assert job.dataset.name == base["dataset"]["name"] == "mine"           # sweeps/.../mine, the manifest's name
     assert spec_from_dict(base["dataset"]["input"]) == data.spec
     assert (base["dataset"]["num_classes"], base["dataset"]["metric"]) == (3, "weighted_f1")
+
+
+def compose_sweep(overrides: list[str]):
+    """configs/sweep.yaml with `overrides`, as `python tune/sweep.py` composes it."""
+    start_command()
+    sweep.register_sweep()
+    with hydra.initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        return hydra.compose("sweep", overrides=overrides)
 
 
 def test_a_resumed_sweep_refuses_settings_its_trials_did_not_start_with(tmp_path):
@@ -249,8 +257,7 @@ def test_a_resumed_sweep_refuses_settings_its_trials_did_not_start_with(tmp_path
 
 
 def test_a_studys_baselines_are_kept_for_its_config_and_probed_again_for_another(tmp_path):
-    with hydra.initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        job = hydra.compose("sweep", overrides=["trainer.probe_examples=100"])
+    job = compose_sweep(["execution.probe_examples=100"])
     [(_, base, _)] = sweep.studies(job)
     experiment = str(tmp_path / "digits")
     first = sweep.baseline_probes_once(base, experiment)

@@ -19,32 +19,30 @@ from ray import cloudpickle
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from ray_head import two_cpu_head
+from metamae.config import DatasetConfig, ExecutionConfig
+from metamae.data.shards import ShardWriter
+from metamae.distributed import trainer
+from metamae.distributed.stream import TRIAL_DATA_CPUS, StreamConfig, read_split, reserved_data_bundle, torch_batches
+from metamae.distributed.trainer import ResourceRequestError, check_request_fits, held_by_this_process
+from metamae.modality import TimeSeriesSpec
+from tests.ray_head import two_cpu_head
+from tune import sweep
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tune"))
-import sweep  # noqa: E402  (tune/ is a folder of scripts)
-from metamae.config import DatasetConfig, TrainerConfig  # noqa: E402
-from metamae.data.shards import ShardWriter  # noqa: E402
-from metamae.distributed import trainer  # noqa: E402
-from metamae.distributed.stream import (TRIAL_DATA_CPUS, StreamConfig, read_split, reserved_data_bundle,  # noqa: E402
-                                        torch_batches)
-from metamae.distributed.trainer import ResourceRequestError, check_request_fits, held_by_this_process  # noqa: E402
-from metamae.modality import TimeSeriesSpec  # noqa: E402
 
 PORT, DASHBOARD_PORT = 6560, 8560               # not Ray's defaults, nor test_sweep.py's or test_cluster.py's
 TWO_CPUS = [{"CPU": 2.0, "GPU": 0.0}]
 QUICK = ["train.steps=20", "train.log_every=10", "sweep.grace_period=10", "sweep.reduction_factor=2",
-         "probe.epochs=1", "trainer.probe_examples=100", "sweep.baseline=false"]
+         "probe.epochs=1", "execution.probe_examples=100", "sweep.baseline=false"]
 # the defaults otherwise: one worker of 0.5 CPU per trial
 
 
 def study(source: str = "shards", num_samples: int = 4, **settings) -> sweep.SweepJobConfig:
-    workers = {k: v for k, v in settings.items() if k in TrainerConfig.__dataclass_fields__}
+    workers = {k: v for k, v in settings.items() if k in ExecutionConfig.__dataclass_fields__}
     rest = {k: v for k, v in settings.items() if k not in workers}
     return sweep.SweepJobConfig(
         dataset=DatasetConfig(name="jv", source=source, path="data/jv" if source == "shards" else None),
-        trainer=TrainerConfig(**workers), sweep=sweep.SweepConfig(num_samples=num_samples, **rest))
+        execution=ExecutionConfig(**workers), sweep=sweep.SweepConfig(num_samples=num_samples, **rest))
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,7 +90,7 @@ def test_trials_are_fitted_node_by_node_each_trial_whole():
 def test_a_trial_no_node_can_hold_fails_naming_what_it_asks_for_and_what_there_is(settings, missing):
     with pytest.raises(ResourceRequestError, match=missing) as error:
         sweep.concurrent_trials(study(**settings), TWO_CPUS)
-    assert "no trial could ever start" in str(error.value) and "trainer.num_workers" in str(error.value)
+    assert "no trial could ever start" in str(error.value) and "execution.num_workers" in str(error.value)
 
 
 def test_max_concurrent_trials_is_kept_below_what_fits_and_lowered_above_it(capsys):
@@ -109,7 +107,7 @@ def test_an_autoscaling_sweep_is_not_checked_against_todays_nodes():
 
 
 def test_a_run_streaming_on_free_cpus_must_leave_a_node_a_whole_cpu_for_ray_data(monkeypatch):
-    """Outside a sweep trial (python -m metamae.pretrain trainer.num_workers=2) the pipeline takes free
+    """Outside a sweep trial (python -m metamae.pretrain execution.num_workers=2) the pipeline takes free
     CPUs, and its ListFiles task a whole one: workers that leave less would wait on it forever."""
     from ray.train import ScalingConfig
     nodes = lambda *cpus: [{"Alive": True, "NodeID": str(i), "Resources": {"CPU": c}} for i, c in enumerate(cpus)]
@@ -236,8 +234,8 @@ def test_a_four_trial_sweep_on_shards_runs_to_the_end_with_trials_at_once(head, 
 
 
 def test_a_sweep_whose_trial_no_node_holds_fails_before_any_trial_starts(head, shards, tmp_path):
-    run = sweep_run(head, tmp_path / "too-big", f"dataset.path={shards}", "trainer.num_workers=2",
-                    "trainer.cpus_per_worker=1.0", timeout=120)
+    run = sweep_run(head, tmp_path / "too-big", f"dataset.path={shards}", "execution.num_workers=2",
+                    "execution.cpus_per_worker=1.0", timeout=120)
     assert run.returncode != 0
     output = run.stdout + run.stderr
     assert "its Ray Data pipeline {'CPU': 1.0}" in output and "2 Train workers of {'CPU': 1.0} each" in output

@@ -10,10 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from ray_head import RAY
-
 from metamae.checkpoint import FILENAME, load_checkpoint, model_from_checkpoint
-from metamae.config import DatasetConfig, EvaluateConfig, ProbeConfig, TrainConfig, TrainerConfig
+from metamae.config import DatasetConfig, EvaluateConfig, ExecutionConfig, ProbeConfig, TrainConfig
 from metamae.data import load_dataset
 from metamae.data.arrays import Split, batches
 from metamae.data.digits import digits
@@ -21,7 +19,9 @@ from metamae.evaluate import run as evaluate
 from metamae.linear_eval import linear_probe
 from metamae.loop import pretrain
 from metamae.model import MetaMAE, ModelConfig, ObjectiveConfig
-from metamae.train import NonFiniteLoss, RunConfig, compile_loss, make_optimizer, restore_optimizer, train_step
+from metamae.process import start_training
+from metamae.train import NonFiniteLoss, RunRecipe, compile_loss, make_optimizer, restore_optimizer, train_step
+from tests.ray_head import RAY
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ModelConfig(enc_width=32, enc_depth=2, enc_heads=4, dec_width=16, dec_depth=1, dec_heads=2)
@@ -30,17 +30,17 @@ DIGITS = DatasetConfig(name="digits", input={"kind": "image", "channels": 1, "he
 
 
 QUICK_PROBE = ProbeConfig(method="paper", epochs=1)            # the final evaluation, fast
-IN_PROCESS = TrainerConfig(ray=False, probe_every=0, probe_examples=64)
+IN_PROCESS = ExecutionConfig(ray=False, probe_every=0, probe_examples=64)
 
 
-def train(run: RunConfig, data, out_dir) -> MetaMAE:
+def train(run: RunRecipe, data, out_dir) -> MetaMAE:
     """Pretrain in this process, quietly; the model of the run's newest checkpoint."""
     pretrain(run, QUICK_PROBE, IN_PROCESS, data, out_dir, on_report=lambda metrics: None)
     return model_from_checkpoint(load_checkpoint(out_dir))
 
 
-def run_config(steps: int, **objective) -> RunConfig:
-    return RunConfig(DIGITS, SMALL, ObjectiveConfig(**objective), TrainConfig(steps=steps, log_every=50,
+def run_config(steps: int, **objective) -> RunRecipe:
+    return RunRecipe(DIGITS, SMALL, ObjectiveConfig(**objective), TrainConfig(steps=steps, log_every=50,
                                                                             checkpoint_every=50))
 
 
@@ -126,7 +126,7 @@ def cli(module: str, *overrides: str) -> subprocess.CompletedProcess:
 
 def test_pretrain_and_evaluate_commands(tmp_path):
     run = cli("metamae.pretrain", "dataset=digits", "model=tiny", "train.steps=20", "probe.epochs=2",
-              "baselines=true", "trainer.ray=false", f"out_dir={tmp_path}")
+              "baselines=true", "execution.ray=false", f"out_dir={tmp_path}")
     assert run.returncode == 0, run.stderr
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results) == {"metamae", "mae", "random_init", "raw_input"}
@@ -144,7 +144,7 @@ def test_evaluate_probes_the_synthetic_data_the_checkpoint_was_pretrained_on(tmp
     """Synthetic data is drawn from a seed: evaluation takes the checkpoint's train.seed, not probe.seed."""
     dataset = DatasetConfig(name="synthetic", input={"kind": "tabular", "features": 6}, num_classes=3,
                             metric="accuracy", batch_size=32, source="synthetic")
-    run = RunConfig(dataset, SMALL, ObjectiveConfig(), TrainConfig(steps=5, seed=3, log_every=5))
+    run = RunRecipe(dataset, SMALL, ObjectiveConfig(), TrainConfig(steps=5, seed=3, log_every=5))
     model = train(run, load_dataset(dataset, seed=3)[0], tmp_path / "run")
     probe = ProbeConfig(epochs=2, seed=0)
     expected = linear_probe(model, load_dataset(dataset, seed=3)[0], dataset, probe)
@@ -158,7 +158,7 @@ def test_evaluate_without_a_dataset_probes_the_checkpoints_own(tmp_path):
     (here synthetic tabular data), not on the digits."""
     dataset = DatasetConfig(name="mine", input={"kind": "tabular", "features": 6}, num_classes=3,
                             metric="accuracy", batch_size=32, source="synthetic")
-    run = RunConfig(dataset, SMALL, ObjectiveConfig(), TrainConfig(steps=5, seed=3, log_every=5))
+    run = RunRecipe(dataset, SMALL, ObjectiveConfig(), TrainConfig(steps=5, seed=3, log_every=5))
     model = train(run, load_dataset(dataset, seed=3)[0], tmp_path / "run")
     expected = linear_probe(model, load_dataset(dataset, seed=3)[0], dataset, ProbeConfig())
     evaluation = cli("metamae.evaluate", f"checkpoint={tmp_path / 'run'}", f"out_dir={tmp_path / 'eval'}")
@@ -189,7 +189,7 @@ def test_a_benchmark_dataset_without_shards_says_what_is_missing(tmp_path):
 
 FAULTS_OF_A_64_MIB_TENSOR = """
 import resource, sys, torch
-from metamae.train import keep_freed_memory
+from metamae.process import keep_freed_memory
 
 def faults_per_tensor():
     start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -217,14 +217,15 @@ def test_keeping_freed_memory_stops_the_page_faults_of_a_reallocated_tensor():
 
 def test_a_compiled_loss_trains_as_the_eager_one_draw_for_draw():
     """torch.compile (inductor) of the whole loss, the inner step's double backward included, with
-    dropout on: the same losses and weights as eager mode, step by step. (First order under compile:
-    test_gradients.py.)"""
+    dropout on: the same losses and weights as eager mode, step by step, in a process started as a
+    compiled run's is (metamae.process.start_training). (First order under compile: test_gradients.py.)"""
     data, objective = digits(), ObjectiveConfig()
     runs = []
     for compiled in (False, True):
         torch.manual_seed(0)
         model = MetaMAE(data.spec, SMALL, objective)
         if compiled:
+            start_training(TrainConfig(compile=True))
             compile_loss(model)
         optimizer = make_optimizer(model, TrainConfig())
         torch.manual_seed(1)
@@ -240,7 +241,7 @@ def test_a_compiled_loss_trains_as_the_eager_one_draw_for_draw():
 
 def test_ctrl_c_of_the_plain_loop_keeps_a_checkpoint_says_where_and_exits_130(tmp_path):
     """A real process, interrupted as a terminal's Ctrl-C does (SIGINT), mid-run."""
-    command = [sys.executable, "-m", "metamae.pretrain", "trainer.ray=false", "model=tiny", "train.steps=100000",
+    command = [sys.executable, "-m", "metamae.pretrain", "execution.ray=false", "model=tiny", "train.steps=100000",
                "train.log_every=5", "train.checkpoint_every=100000", f"out_dir={tmp_path}"]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in process.stdout:                                   # the first log line: steps are running
@@ -257,11 +258,12 @@ def test_ctrl_c_of_the_plain_loop_keeps_a_checkpoint_says_where_and_exits_130(tm
     assert load_checkpoint(tmp_path / "metamae")["step"] == step
 
 
+@pytest.mark.ray
 def test_sigterm_of_a_ray_train_run_stops_its_workers_with_a_checkpoint_and_exits_143(tmp_path):
     """A real driver on its own local Ray, sent SIGTERM (as `kill` or a scheduler's preemption does)
     once its worker has reported: the workers save the step they finished and the driver exits 143."""
     command = [sys.executable, "-m", "metamae.pretrain", "model=tiny", "train.steps=100000", "train.log_every=10",
-               "train.checkpoint_every=100000", "trainer.probe_every=0", f"out_dir={tmp_path}"]
+               "train.checkpoint_every=100000", "execution.probe_every=0", f"out_dir={tmp_path}"]
     stdout = tmp_path / "stdout.txt"
     with stdout.open("w") as out:
         process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.PIPE, text=True)
@@ -302,11 +304,11 @@ def tiny_filesystem(tmp_path):
 
 
 def test_a_full_disk_is_one_line_naming_the_file_and_keeps_the_last_checkpoint(tiny_filesystem):
-    done = cli("metamae.pretrain", "trainer.ray=false", "model=tiny", "train.steps=20", "train.checkpoint_every=20",
+    done = cli("metamae.pretrain", "execution.ray=false", "model=tiny", "train.steps=20", "train.checkpoint_every=20",
                f"out_dir={tiny_filesystem}")
     assert done.returncode == 0, done.stderr[-2000:]
     first = load_checkpoint(tiny_filesystem / "metamae")
-    full = cli("metamae.pretrain", "trainer.ray=false", "model=tiny", "train.steps=40", "train.checkpoint_every=20",
+    full = cli("metamae.pretrain", "execution.ray=false", "model=tiny", "train.steps=40", "train.checkpoint_every=20",
                f"out_dir={tiny_filesystem}")
     assert full.returncode == 1 and "Traceback" not in full.stderr
     run = tiny_filesystem / "metamae"

@@ -15,15 +15,15 @@ from types import SimpleNamespace
 
 import ray
 from ray import tune
-from ray.data._internal.cluster_autoscaler import get_or_create_autoscaling_coordinator
 from ray.train import Checkpoint
 from ray.util.state import list_actors
 
 from metamae.distributed.tune_reports import CHECKPOINT_PATH, CancelTrainReservations, report_to_tune
+from metamae.private_apis import cancel_reservation, reservations, reserve, train_reservation
 
 REPORTS = 3
 RUN = SimpleNamespace(run_id="stand-in")     # what Train passes its callbacks as run_context, in part
-RESERVATION = f"train-{RUN.run_id}"          # the name Train reserves a run's workers under
+RESERVATION = train_reservation(RUN)         # the name Train reserves a run's workers under
 
 
 def reports_then_return(config):
@@ -45,22 +45,21 @@ def reports_then_return(config):
 @ray.remote(num_cpus=0, max_concurrency=2)
 class Controller:
     """Stands in for Ray Train's controller: reserves a worker's resources with the cluster's autoscaling
-    coordinator as Train does, makes `reports` reports (the last with the objective), then takes a
+    coordinator as Train does, makes `reports` reports (the last with the validation score), then takes a
     second to shut down, cancels its reservation and leaves `folder`/ended; aborted, it leaves
     `folder`/aborted."""
 
     def __init__(self, folder, reports):
         self.folder, self.reports = Path(folder), reports
-        self.coordinator = get_or_create_autoscaling_coordinator()
-        ray.get(self.coordinator.request_resources.remote(RESERVATION, [{"CPU": 0.1}], expire_after_s=180))
+        reserve(RESERVATION, [{"CPU": 0.1}], expire_after_s=180)
 
     def run(self, callback):
         for i in range(self.reports):
             last = i == self.reports - 1
-            callback.after_report(RUN, [{"i": i, **({"objective": 0.9} if last else {})}], None)
+            callback.after_report(RUN, [{"i": i, **({"validation": 0.9} if last else {})}], None)
             time.sleep(0.1)
         time.sleep(1)
-        ray.get(self.coordinator.cancel_request.remote(RESERVATION))
+        ray.get(cancel_reservation(RESERVATION))
         (self.folder / "ended").touch()
 
     def abort(self):
@@ -72,7 +71,7 @@ def runs_a_controller(config):
     def train_run(callback):
         controller = Controller.remote(config["folder"], config["reports"])
         ray.get(controller.run.remote(callback))
-    report_to_tune(train_run, is_last=lambda report: "objective" in report)
+    report_to_tune(train_run, is_last=lambda report: "validation" in report)
 
 
 def dies_holding_a_reservation(config):
@@ -128,8 +127,7 @@ def stopped_at(i, reports, tmp_path):
                        run_config=tune.RunConfig(storage_path=str(tmp_path), name="stopped", verbose=0,
                                                  stop={"i": i}, callbacks=[CancelTrainReservations()]))
     (result,) = tuner.fit()
-    coordinator = get_or_create_autoscaling_coordinator()
-    return result, ray.get(coordinator.__ray_call__.remote(lambda self: list(self._ongoing_reqs)))
+    return result, reservations()
 
 
 def test_a_trial_whose_process_dies_has_its_reservation_cancelled(local_ray, tmp_path):
@@ -139,15 +137,14 @@ def test_a_trial_whose_process_dies_has_its_reservation_cancelled(local_ray, tmp
                                                  callbacks=[CancelTrainReservations()]))
     (result,) = tuner.fit()
     assert result.error is not None and result.metrics["i"] == 0
-    coordinator = get_or_create_autoscaling_coordinator()
-    assert RESERVATION not in ray.get(coordinator.__ray_call__.remote(lambda self: list(self._ongoing_reqs)))
+    assert RESERVATION not in reservations()
 
 
 def test_a_trial_stopped_at_its_last_report_ends_after_its_train_run(local_ray, tmp_path):
     """ASHA stops every trial at its last step (max_t): the Train run has ended (its reservation
     cancelled, its workers freed) before Tune sees that report, and the report reaches Tune."""
     result, reservations = stopped_at(2, 3, tmp_path)
-    assert result.error is None and result.metrics["objective"] == 0.9
+    assert result.error is None and result.metrics["validation"] == 0.9
     assert (tmp_path / "ended").exists() and not (tmp_path / "aborted").exists()
     assert RESERVATION not in reservations, reservations
 

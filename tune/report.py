@@ -9,14 +9,14 @@ dataset the report reads
     read as plain JSON (`ray.tune.ExperimentAnalysis` reads the same file but shows RUNNING trials
     as PENDING, and would make this script import Ray),
   - every report of a trial from its `result.json` (`progress.csv` keeps only the keys of the first
-    report, so it lacks `objective` and `checkpoint_path`),
-  - the direction (which objective is best) and the finished trials of the Optuna study.
+    report, so it lacks `validation` and `checkpoint_path`),
+  - the direction (whether a higher validation score is better) and the finished trials of the Optuna study.
   - the baselines the sweep probed before its trials (`baselines.json`: a random-init encoder and the
     raw inputs, under the trials' probe and splits) and the test predictions of the baselines
     (`baselines/<name>.npz`) and of the best trial (`runs/<trial id>/test_predictions.npz`), for the
     best trial's gain over each baseline with a paired bootstrap interval over the test examples.
-Trials are chosen on their validation score (`objective`); each one's test score is shown beside it
-and chooses nothing.
+Trials are chosen on their validation score (`validation`, the metric Tune and Optuna optimise); each
+one's test score is shown beside it and chooses nothing.
 It works on a sweep that is still running, as of Tune's last copy of the experiment into SWEEP_DIR (every
 ~10 s): trials without reports yet, a half-written last line of `result.json` and studies with no completed
 trial are reported as what they are.
@@ -50,8 +50,7 @@ MIN_TRIALS_FOR_IMPORTANCES = 5   # completed trials below which fANOVA importanc
 MIN_TRIALS_FOR_RANKING = 3       # finished trials below which a rank correlation says nothing
 NEAR_BOUND = 0.05                # a best value this close to a bound (of its range, on its own scale) is flagged
 # From a trial's last report, in this order: its CSV column and the report key it comes from.
-METRICS = {"validation": "objective", "test": "test", "probe": "probe", "step": "step",
-           "time_total_s": "time_total_s"}
+LAST_REPORT_COLUMNS = ("validation", "test", "probe", "step", "time_total_s")
 OUTCOMES = ["finished", "stopped early", "failed", "pending or running"]
 BASELINE_NAMES = {"random_init": "random-init encoder", "raw_input": "raw-input probe"}
 BASELINES = "baselines.json"         # in a study's Tune folder: the baselines' probes and their config
@@ -73,11 +72,6 @@ class TrialRecord:
         return self.reports[-1] if self.reports else {}
 
     @property
-    def chose_on_test(self) -> bool:
-        """A trial of a sweep from before validation selection: its objective was its test score."""
-        return "objective" in self.last and "test" not in self.last
-
-    @property
     def health(self) -> str:
         """The health flags of its last report (metamae/health.py), and 'NaN loss' for a run that
         stopped on one."""
@@ -90,7 +84,7 @@ class TrialRecord:
     def outcome(self) -> str:
         """finished, stopped early (ended without a final evaluation: ASHA), failed, or pending or running."""
         if self.status == "TERMINATED":
-            return "finished" if "objective" in self.last else "stopped early"
+            return "finished" if "validation" in self.last else "stopped early"
         return "failed" if self.status == "ERROR" else "pending or running"
 
 
@@ -178,14 +172,13 @@ def trial_table(trials: list[TrialRecord], baselines: dict[str, Any]) -> pd.Data
     keys = config_keys(trials)
     rows = [{"trial_id": trial.trial_id, "status": trial.status, "outcome": trial.outcome,
              **{key: trial.config.get(key) for key in keys},
-             **{column: trial.last.get(key) for column, key in METRICS.items()},
-             **({"validation": None, "test": trial.last["objective"]} if trial.chose_on_test else {}),
+             **{key: trial.last.get(key) for key in LAST_REPORT_COLUMNS},
              "health": trial.health, "error": trial.error, "checkpoint_path": trial.last.get("checkpoint_path")}
             for trial in trials]
     rows += [{"trial_id": f"baseline: {BASELINE_NAMES[name]}", "outcome": "baseline",
               "validation": baseline["validation"], "test": baseline["test"], "probe": baseline.get("probe")}
              for name, baseline in baselines.items()]
-    columns = ["trial_id", "status", "outcome", *keys, *METRICS, "health", "error", "checkpoint_path"]
+    columns = ["trial_id", "status", "outcome", *keys, *LAST_REPORT_COLUMNS, "health", "error", "checkpoint_path"]
     return pd.DataFrame(rows, columns=columns).convert_dtypes()   # steps stay integers beside missing values
 
 
@@ -308,7 +301,7 @@ def probe_ranking(trials: list[TrialRecord]) -> list[str]:
                 f"{len(finished)}."]
     curves = [{report["step"]: report["probe"] for report in trial.reports if "probe" in report}
               for trial in finished]
-    final = [trial.last["objective"] for trial in finished]
+    final = [trial.last["validation"] for trial in finished]
     steps = sorted(set.intersection(*(set(curve) for curve in curves)))
     if not steps:
         return ["The finished trials share no step at which all of them ran the online probe: no ranking."]
@@ -356,7 +349,7 @@ def plot_objective_against_params(table: pd.DataFrame, keys: list[str], baseline
         if numeric and spans_decades(values):
             axis.set_xscale("log")
         axis.set_xlabel(key)
-    axes[0][0].set_ylabel("validation score (the objective)")
+    axes[0][0].set_ylabel("validation score (what the sweep maximises)")
     if baselines:
         axes[0][-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
     save(figure, path)
@@ -460,9 +453,6 @@ class Study:
     @cached_property
     def verdict(self) -> list[str]:
         """The report's first lines for this study (each paired bootstrap runs once)."""
-        if any(trial.chose_on_test for trial in self.trials):
-            return [f"**{self.name}**: this sweep chose its trials on their test score (it predates validation "
-                    f"selection); its numbers say nothing a new sweep's would: run it again."]
         return verdict_lines(self.name, self.experiment, self.table, self.study.direction, self.baselines)
 
 

@@ -1,8 +1,8 @@
 """python tune/sweep.py [dataset=digits | datasets=[pamap2,higgs]] [sweep.num_samples=12] [key=value ...]
 
 Per-dataset hyperparameter sweeps: Ray Tune runs the trials, Optuna (TPE) proposes them, ASHA stops
-the bad ones early on the online probe, and the final linear evaluation's validation score is the
-objective (its test score is recorded and chooses nothing).
+the bad ones early on the online probe, and Optuna and Tune maximise `validation`, the final linear
+evaluation's score on the validation split (its test score is recorded and chooses nothing).
 
     for each dataset:  the baselines (baselines.json: a random-init encoder, the raw inputs)
                        Optuna study (SWEEP_DIR/optuna.db)  ──proposes──▶  trial = the pretraining loop in
@@ -13,9 +13,9 @@ objective (its test score is recorded and chooses nothing).
 
 The search space is configs/sweep.yaml's `space`, replaced per dataset by configs/space/<dataset>.yaml;
 any config key joins it from the YAML or the command line (+space.train.lr={dist:loguniform,low:1e-4,high:1e-2}).
-The first trial runs the configured (paper's) values. Running the same command again, or with
-resume=true, restores a sweep whose driver was stopped: finished trials are kept, unfinished ones
-rerun, and the Optuna study keeps its history.
+The first trial runs the configured objective (the published script's, or the dataset's own).
+Running the same command again, or with resume=true, restores a sweep whose driver was stopped:
+finished trials are kept, unfinished ones rerun, and the Optuna study keeps its history.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from metamae.config import CONFIG_DIR, METRICS, ExperimentConfig, PretrainConfig, register, to_object
+from metamae.config import CONFIG_DIR, METRICS, ExperimentConfig, PretrainConfig, to_object
 from metamae.data import load_dataset
 from metamae.distributed.stream import DATA_BUNDLE, TRIAL_DATA_CPUS, streams_through_ray_data
 from metamae.distributed.trainer import ResourceRequestError, connect_ray, fit
@@ -46,8 +46,10 @@ from metamae.health import unhealthy
 from metamae.linear_eval import online_probe
 from metamae.loop import pretrain
 from metamae.pretrain import baseline_probes, random_init_encoder
-from metamae.train import RunConfig
-from report import BASELINE_NAMES, BASELINE_PREDICTIONS, BASELINES, report_head, write_report
+from metamae.private_apis import autoscaling_coordinator
+from metamae.process import start_command
+from metamae.train import RunRecipe
+from tune.report import BASELINE_NAMES, BASELINE_PREDICTIONS, BASELINES, report_head, write_report
 
 DISTRIBUTIONS = {"loguniform": tune.loguniform, "uniform": tune.uniform,
                  "int": lambda low, high: tune.randint(low, high + 1)}        # low and high both drawn
@@ -159,19 +161,19 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], runs_dir: str) -> No
     else:
         out_dir, storage = Path(runs_dir) / context.get_trial_id(), None
     cfg = trial_config(base, params, str(out_dir))
-    run = RunConfig(cfg.dataset, cfg.model, cfg.objective, cfg.train)
-    if in_trial_process(cfg.trainer.num_workers, runs_dir):
+    run = RunRecipe(cfg.dataset, cfg.model, cfg.objective, cfg.train)
+    if in_trial_process(cfg.execution.num_workers, runs_dir):
         data, _ = load_dataset(cfg.dataset, seed=cfg.train.seed)
-        pretrain(run, cfg.probe, cfg.trainer, data, out_dir, on_report=tune.report)
+        pretrain(run, cfg.probe, cfg.execution, data, out_dir, on_report=tune.report)
         return
-    trainer = replace(cfg.trainer, storage=storage) if storage else cfg.trainer
-    report_to_tune(lambda reports: fit(run, cfg.probe, trainer, out_dir, callbacks=[reports]),
-                   is_last=lambda report: "objective" in report)
+    execution = replace(cfg.execution, storage=storage) if storage else cfg.execution
+    report_to_tune(lambda reports: fit(run, cfg.probe, execution, out_dir, callbacks=[reports]),
+                   is_last=lambda report: "validation" in report)
 
 
 class FinalReportOptunaSearch(OptunaSearch):
-    """OptunaSearch told of the final report only: the objective (the final linear evaluation) is
-    missing from the reports before it, on which OptunaSearch would fail."""
+    """OptunaSearch told of the final report only: its metric, `validation` (the final linear
+    evaluation's score), is missing from the reports before it, on which OptunaSearch would fail."""
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if self.metric in result:
@@ -225,13 +227,13 @@ class TrialResources:
 
 def trial_resources(cfg: SweepJobConfig) -> TrialResources:
     """What one trial of this study holds: see TrialResources."""
-    worker = {"CPU": cfg.trainer.cpus_per_worker, **({"GPU": 1.0} if cfg.trainer.use_gpu else {})}
-    if in_trial_process(cfg.trainer.num_workers, cfg.sweep.dir):
+    worker = {"CPU": cfg.execution.cpus_per_worker, **({"GPU": 1.0} if cfg.execution.use_gpu else {})}
+    if in_trial_process(cfg.execution.num_workers, cfg.sweep.dir):
         return TrialResources((worker,), ())
     trial = [{"CPU": cfg.sweep.trial_cpus}]
-    if streams_through_ray_data(cfg.dataset.source, cfg.trainer.num_workers):
+    if streams_through_ray_data(cfg.dataset.source, cfg.execution.num_workers):
         trial.append({"CPU": TRIAL_DATA_CPUS})
-    return TrialResources(tuple(trial), (worker,) * cfg.trainer.num_workers)
+    return TrialResources(tuple(trial), (worker,) * cfg.execution.num_workers)
 
 
 def summed(bundles) -> dict[str, float]:
@@ -300,8 +302,8 @@ def concurrent_trials(cfg: SweepJobConfig, nodes: Optional[list[dict[str, float]
         raise ResourceRequestError(
             f"one trial of the {cfg.dataset.name} sweep asks for {resources.describe()}, and the cluster's "
             f"nodes have {'; '.join(amounts(node) for node in nodes) or 'nothing'} ({amounts(have)} in all): no "
-            f"trial could ever start. Lower trainer.num_workers, trainer.cpus_per_worker or sweep.trial_cpus, "
-            f"set trainer.use_gpu=false, add nodes, or on a cluster that grows set sweep.autoscaling=true")
+            f"trial could ever start. Lower execution.num_workers, execution.cpus_per_worker or sweep.trial_cpus, "
+            f"set execution.use_gpu=false, add nodes, or on a cluster that grows set sweep.autoscaling=true")
     if asked and asked > fits:
         print(f"sweep.max_concurrent_trials={asked} lowered to {fits}: the cluster holds {fits} whole trials at "
               f"once, and the drivers of more would hold CPUs that their Train workers or data wait for",
@@ -338,7 +340,7 @@ def sweep_dataset(cfg: SweepJobConfig, base: dict[str, Any], space: dict[str, An
     first = {key: OmegaConf.select(OmegaConf.create(base), key) for key in space}
     mode = METRICS[cfg.dataset.metric]
     searcher = FinalReportOptunaSearch(
-        metric="objective", mode=mode, points_to_evaluate=[first], study_name=name,
+        metric="validation", mode=mode, points_to_evaluate=[first], study_name=name,
         sampler=optuna.samplers.TPESampler(seed=cfg.sweep.seed), storage=optuna.storages.RDBStorage(storage))
     scheduler = ASHAScheduler(metric="probe", mode=mode, time_attr="step", max_t=cfg.train.steps,
                               grace_period=cfg.sweep.grace_period, reduction_factor=cfg.sweep.reduction_factor)
@@ -445,8 +447,8 @@ def create_sqlite_storage(database: Path) -> None:
 
 def compose_for(dataset: str) -> DictConfig:
     """This job's config with `dataset` (and its configs/space/<dataset>.yaml) chosen."""
-    overrides = [o for o in HydraConfig.get().overrides.task if not o.split("=")[0].lstrip("+~") in
-                 ("dataset", "datasets")]
+    overrides = [override for override in HydraConfig.get().overrides.task
+                 if override.split("=")[0].lstrip("+~") not in ("dataset", "datasets")]
     return hydra.compose(config_name="sweep", overrides=[*overrides, f"dataset={dataset}"])
 
 
@@ -455,10 +457,8 @@ def pin_train_coordinator_here() -> None:
 
     Train V2 creates it with the first run, on that run's node: a worker node, which the autoscaler
     then never removes because a detached actor lives there. Created here first, Train reuses it.
-    (A private Ray API, as of Ray 2.60.)
     """
-    from ray.data._internal.cluster_autoscaler import get_or_create_autoscaling_coordinator
-    ray.get(get_or_create_autoscaling_coordinator().__ray_ready__.remote())
+    ray.get(autoscaling_coordinator().__ray_ready__.remote())
 
 
 def baseline_probes_once(base: dict[str, Any], experiment: str) -> dict[str, Any]:
@@ -479,7 +479,7 @@ def baseline_probes_once(base: dict[str, Any], experiment: str) -> dict[str, Any
     encoder = random_init_encoder(data, trial)
     results = baseline_probes(data, trial, encoder)
     probes = {name: result.summary() for name, result in results.items()}
-    probes["random_init"]["probe"] = online_probe(encoder, data, dataset, trial.trainer.probe_examples).score
+    probes["random_init"]["probe"] = online_probe(encoder, data, dataset, trial.execution.probe_examples).score
     filesystem.create_dir(f"{folder}/{BASELINE_PREDICTIONS}", recursive=True)
     for name, result in results.items():
         with filesystem.open_output_stream(f"{folder}/{BASELINE_PREDICTIONS}/{name}.npz") as f:
@@ -501,14 +501,14 @@ def baselines_line(name: str, baselines: dict[str, Any]) -> str:
 
 def summary(name: str, results: tune.ResultGrid, mode: str, baselines: dict[str, Any]) -> str:
     """The study in one line: its best trial by validation score, that trial's test score, the baselines'."""
-    finished = [r for r in results if r.metrics and "objective" in r.metrics]
+    finished = [r for r in results if r.metrics and "validation" in r.metrics]
     failed = [r for r in results if r.error]
     against = "".join(f", {BASELINE_NAMES[key]} {value['test']:.4f}" for key, value in baselines.items())
     if not finished:
         return f"{name}: no trial finished ({len(failed)} failed)" + (f"; test{against}" if against else "")
-    best = (max if mode == "max" else min)(finished, key=lambda r: r.metrics["objective"])
+    best = (max if mode == "max" else min)(finished, key=lambda r: r.metrics["validation"])
     params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.config.items())
-    return (f"{name}: best validation score {best.metrics['objective']:.4f} with {params}; its test score "
+    return (f"{name}: best validation score {best.metrics['validation']:.4f} with {params}; its test score "
             f"{best.metrics['test']:.4f}{against}; {len(finished)} finished, "
             f"{len(results) - len(finished) - len(failed)} stopped early, {len(failed)} failed")
 
@@ -529,7 +529,7 @@ def studies(job: DictConfig) -> list[tuple[SweepJobConfig, dict[str, Any], dict[
         base["dataset"].update(path=dataset.path, input=dataset.input, num_classes=dataset.num_classes,
                                metric=dataset.metric)
         if cfg.sweep.autoscaling:
-            base["trainer"]["check_resources"] = False
+            base["execution"]["check_resources"] = False
         prepared.append((cfg, base, search_space(cfg.space, base)))
     return prepared
 
@@ -541,7 +541,6 @@ def main(job: DictConfig) -> None:
     sweep_dir = sweep_folder(sweep_cfg, [cfg.dataset.name for cfg, _, _ in prepared])
     storage = optuna_storage(sweep_cfg, sweep_dir)
     check_new_studies([cfg.dataset.name for cfg, _, _ in prepared], sweep_dir, storage)
-    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")   # the objective is in the last report only
     if not ray.is_initialized():
         connect_ray()
     if sweep_cfg.autoscaling:
@@ -566,14 +565,14 @@ def main(job: DictConfig) -> None:
 
 
 def register_sweep() -> None:
-    register()
+    """The sweep's own schema and resolver, beside metamae's (metamae.process.start_command)."""
     ConfigStore.instance().store(name="sweep_schema", node=SweepJobConfig)
     # Hydra's own log folder (configs/sweep.yaml): in a local sweep folder, else in this folder
     OmegaConf.register_new_resolver("local_or_here", lambda folder: "." if in_bucket(folder) else folder,
                                     replace=True)
 
 
-register_sweep()
-
 if __name__ == "__main__":
+    start_command()
+    register_sweep()
     main()

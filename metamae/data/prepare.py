@@ -28,8 +28,7 @@ import sys
 from pathlib import Path
 
 from metamae.data import download
-from metamae.data.converters import CONVERTERS, converter
-from metamae.data.converters import custom
+from metamae.data.converters import CONVERTERS, converter, custom
 from metamae.data.shards import DEFAULT_SHARD_BYTES, MANIFEST, Manifest, check_shards
 
 

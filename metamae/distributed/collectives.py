@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as collective
 
 from metamae.model import BatchGroup
+from metamae.private_apis import all_gather_differentiable, all_reduce_sum
 
 
 class ProcessGroupBatch(BatchGroup):
@@ -22,7 +22,7 @@ class ProcessGroupBatch(BatchGroup):
         self.size, self.rank = dist.get_world_size(), dist.get_rank()
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
-        return collective.all_reduce(t, "sum", dist.group.WORLD)
+        return all_reduce_sum(t)
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
-        return collective.all_gather_single_autograd(t, 0, dist.group.WORLD)
+        return all_gather_differentiable(t)

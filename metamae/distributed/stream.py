@@ -94,12 +94,10 @@ def read_split(folder: Path, split: str, cfg: StreamConfig = StreamConfig(), see
 
     `within` (a placement group bundle, `reserved_data_bundle()`): every task of the pipeline, the
     listing, reading and decoding, runs in that bundle, and Ray Data's budget is that placement
-    group's CPUs. Ray Data takes the strategy from the DataContext as the dataset is made (the read's
-    tasks) and from the dataset's own copy of it as it runs (the others), and with both strategies
-    a placement group's it budgets by that group (its PlacementGroupClusterAutoscaler; Ray 2.60,
-    which warns that these DataContext fields are deprecated after January 2027). Every other
-    setting (order, CPU limit, progress bars) goes to the dataset's own DataContext; the process's
-    is left as it was."""
+    group's CPUs: the read and decode tasks are placed by their remote arguments, and the rest (the
+    listing, Ray Data's budget: its PlacementGroupClusterAutoscaler) by the dataset's own DataContext
+    (Ray 2.60, which warns that these DataContext fields are deprecated after January 2027). Every
+    setting goes to the dataset's own DataContext; the process's is left as it was."""
     folder = Path(folder)
     manifest = manifest or open_dataset(folder)
     if split not in manifest.splits:
@@ -108,21 +106,14 @@ def read_split(folder: Path, split: str, cfg: StreamConfig = StreamConfig(), see
     shuffle = ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=True) if seed is not None else None
     decode = partial(decode_batch, columns=manifest.columns(), standardization=manifest.standardization())
 
-    def read() -> ray.data.Dataset:
-        dataset = ray.data.read_parquet(paths, shuffle=shuffle, num_cpus=cfg.task_cpus, concurrency=cfg.readers)
-        return dataset.map_batches(decode, batch_format="pyarrow", zero_copy_batch=True, num_cpus=cfg.task_cpus)
-
-    if within is None:
-        dataset = read()
-    else:
-        context = ray.data.DataContext.get_current()
-        before = context.scheduling_strategy, context.scheduling_strategy_large_args
-        context.scheduling_strategy = context.scheduling_strategy_large_args = within
-        try:
-            dataset = read()
-        finally:
-            context.scheduling_strategy, context.scheduling_strategy_large_args = before
+    placed = {} if within is None else {"scheduling_strategy": within}
+    dataset = ray.data.read_parquet(paths, shuffle=shuffle, num_cpus=cfg.task_cpus, concurrency=cfg.readers,
+                                    ray_remote_args=placed)
+    dataset = dataset.map_batches(decode, batch_format="pyarrow", zero_copy_batch=True, num_cpus=cfg.task_cpus,
+                                  **placed)
     own = dataset.context
+    if within is not None:
+        own.scheduling_strategy = own.scheduling_strategy_large_args = within
     own.enable_progress_bars = cfg.progress_bars
     own.execution_options.preserve_order = seed is not None        # the same seed gives the same order
     if cfg.cpu_limit is not None:

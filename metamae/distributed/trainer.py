@@ -26,7 +26,7 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from metamae.config import ProbeConfig, TrainerConfig
+from metamae.config import ExecutionConfig, ProbeConfig
 from metamae.data import load_dataset
 from metamae.data.arrays import epochs
 from metamae.distributed.collectives import ProcessGroupBatch
@@ -34,7 +34,8 @@ from metamae.distributed.stream import (LIST_FILES_CPUS, StreamConfig, read_spli
                                         streams_through_ray_data, torch_batches)
 from metamae.loop import CHECKPOINT_PREFIX, raise_if_ended_early, run_pretraining
 from metamae.model import MetaMAE
-from metamae.train import RunConfig, StopSignals
+from metamae.private_apis import resources_per_worker
+from metamae.train import RunRecipe, StopSignals
 
 PRETRAIN = "pretrain"                  # the Ray Data dataset name the workers read
 
@@ -47,7 +48,7 @@ class ResourceRequestError(RuntimeError):
 # Driver
 # --------------------------------------------------------------------------------------------
 
-def fit(run: RunConfig, probe: ProbeConfig, trainer: TrainerConfig, out_dir: Path,
+def fit(run: RunRecipe, probe: ProbeConfig, execution: ExecutionConfig, out_dir: Path,
         callbacks: Sequence[Any] = (), stop_on_sigterm: bool = False) -> ray.train.Result:
     """Pretrain with Ray Train into `out_dir`, evaluate, and return the Train result.
 
@@ -57,37 +58,38 @@ def fit(run: RunConfig, probe: ProbeConfig, trainer: TrainerConfig, out_dir: Pat
     with a checkpoint of it, and fit raises Interrupted naming it.
     """
     out_dir = Path(out_dir).resolve()
-    if run.dataset.batch_size % trainer.num_workers:
+    if run.dataset.batch_size % execution.num_workers:
         raise ValueError(f"dataset.batch_size {run.dataset.batch_size} does not split evenly over "
-                         f"trainer.num_workers={trainer.num_workers}")
-    scaling = ScalingConfig(num_workers=trainer.num_workers, use_gpu=trainer.use_gpu,
-                            resources_per_worker={"CPU": trainer.cpus_per_worker,
-                                                  **({"GPU": 1} if trainer.use_gpu else {})})
+                         f"execution.num_workers={execution.num_workers}")
+    scaling = ScalingConfig(num_workers=execution.num_workers, use_gpu=execution.use_gpu,
+                            resources_per_worker={"CPU": execution.cpus_per_worker,
+                                                  **({"GPU": 1} if execution.use_gpu else {})})
     # One worker reads its shards itself (worker_batches); several stream them through Ray Data: in a
     # sweep trial inside the CPU the trial reserved for it (stream.py), elsewhere on a CPU left free.
-    streams = streams_through_ray_data(run.dataset.source, trainer.num_workers)
+    streams = streams_through_ray_data(run.dataset.source, execution.num_workers)
     within = reserved_data_bundle() if streams else None
-    if trainer.check_resources:
+    if execution.check_resources:
         check_request_fits(scaling, data_cpus=LIST_FILES_CPUS if streams and within is None else 0.0)
     datasets = None
     if streams:
         datasets = {PRETRAIN: read_split(Path(run.dataset.path), run.dataset.pretrain_split,
                                          StreamConfig(batch_size=run.dataset.batch_size,
-                                                      progress_bars=trainer.progress_bars),
+                                                      progress_bars=execution.progress_bars),
                                          seed=run.train.seed, within=within)}
-    storage = trainer.storage or str(out_dir.parent)
+    storage = execution.storage or str(out_dir.parent)
     stop = StopRequest.remote() if stop_on_sigterm else None
     signals = StopSignals((signal.SIGTERM,), then=lambda: stop.request.remote()) if stop else contextlib.nullcontext()
     with signals:
         result = TorchTrainer(
             worker_loop,
-            train_loop_config={"run": run, "probe": probe, "trainer": trainer, "out_dir": str(out_dir), "stop": stop},
+            train_loop_config={"run": run, "probe": probe, "execution": execution, "out_dir": str(out_dir),
+                               "stop": stop},
             scaling_config=scaling,
             datasets=datasets,
             run_config=ray.train.RunConfig(
                 name=out_dir.name, storage_path=storage, callbacks=list(callbacks),
-                failure_config=FailureConfig(max_failures=trainer.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=trainer.keep_checkpoints,
+                failure_config=FailureConfig(max_failures=execution.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=execution.keep_checkpoints,
                                                    checkpoint_score_attribute="step", checkpoint_score_order="max")),
         ).fit()
     raise_if_ended_early(result.return_value or {}, result.checkpoint.path if result.checkpoint else "none was saved",
@@ -115,7 +117,7 @@ def check_request_fits(scaling: ScalingConfig, data_cpus: float = 0.0) -> None:
     free CPUs (its ListFiles task asks for a whole CPU). The caller's own reservation counts as
     taken: a Tune trial's placement group (its driver's and its pipeline's bundles), or the
     process's own resources outside one."""
-    per_worker = {k: v for k, v in scaling._resources_per_worker_not_none.items() if v > 0}
+    per_worker = resources_per_worker(scaling)
     own = held_by_this_process()
     capacity, nodes, left = 0, [], []
     for node in ray.nodes():
@@ -134,13 +136,13 @@ def check_request_fits(scaling: ScalingConfig, data_cpus: float = 0.0) -> None:
             f"the trainer's {scaling.num_workers} workers of {per_worker} leave no node {data_cpus:g} free CPU for "
             f"the Ray Data pipeline that streams their shards (Ray Data's ListFiles task asks for a whole CPU; "
             f"CPUs left per node: {[round(cpus, 4) for cpus in left]}, less what this process holds: {own}). "
-            f"Lower trainer.cpus_per_worker or trainer.num_workers, or add nodes")
+            f"Lower execution.cpus_per_worker or execution.num_workers, or add nodes")
     if capacity < scaling.num_workers:
         raise ResourceRequestError(
             f"the trainer asks for {scaling.num_workers} workers of {per_worker}, and the cluster's nodes "
-            f"hold {capacity} ({nodes}, less what this process holds: {own}). Lower trainer.num_workers or "
-            f"trainer.cpus_per_worker, set trainer.use_gpu=false, add nodes, or on an autoscaling cluster "
-            f"set trainer.check_resources=false")
+            f"hold {capacity} ({nodes}, less what this process holds: {own}). Lower execution.num_workers or "
+            f"execution.cpus_per_worker, set execution.use_gpu=false, add nodes, or on an autoscaling cluster "
+            f"set execution.check_resources=false")
 
 
 def held_by_this_process() -> dict[str, dict[str, float]]:
@@ -172,7 +174,7 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     run = config["run"]
     data, _ = load_dataset(run.dataset, seed=run.train.seed)
     session = TrainSession(run, config["stop"])
-    return run_pretraining(run, config["probe"], config["trainer"], data, Path(config["out_dir"]), session)
+    return run_pretraining(run, config["probe"], config["execution"], data, Path(config["out_dir"]), session)
 
 
 class TrainSession:
@@ -181,7 +183,7 @@ class TrainSession:
     Ray Train, and the driver's stop request (StopRequest), asked at most every `every_s` seconds and
     agreed at each step (any worker that has seen it stops them all)."""
 
-    def __init__(self, run: RunConfig, stop: Optional[ray.actor.ActorHandle], every_s: float = 0.5):
+    def __init__(self, run: RunRecipe, stop: Optional[ray.actor.ActorHandle], every_s: float = 0.5):
         context = ray.train.get_context()
         self.run, self.stop, self.every_s = run, stop, every_s
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
@@ -249,16 +251,10 @@ def newest_first(latest: Checkpoint) -> Iterator[Checkpoint]:
         yield Checkpoint(path, filesystem=latest.filesystem)
 
 
-def default_environment() -> None:
-    """Ray Train's per-report latency drops from about 2 s to 0.5 s with a faster health check."""
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-
-
 def connect_ray() -> None:
     """Join the cluster RAY_ADDRESS names (`ray job submit` sets it), or start a local Ray and say how to
     inspect it: a local Ray asks its clients for the token it wrote to ~/.ray/auth_token (Ray 2.60), which
     `ray status` sends only with RAY_AUTH_MODE=token (without it: InvalidAuthToken)."""
-    default_environment()
     context = ray.init()
     if os.environ.get("RAY_ADDRESS"):
         return

@@ -27,12 +27,11 @@ from typing import Any, Callable, Dict, List, Optional
 
 import ray
 from ray import tune
-from ray.data._internal.cluster_autoscaler import get_or_create_autoscaling_coordinator
 from ray.train import Checkpoint
-from ray.train.v2.api.callback import UserCallback
 from ray.util.queue import Queue
 
 from metamae.loop import CHECKPOINT_PATH
+from metamae.private_apis import abort_train_run, cancel_reservation, train_callback_base, train_reservation
 
 TRAIN_RESERVATION = "train_reservation" # the report's key for its Train run's reservation
 END_TIMEOUT_S = 30                      # for the controller to end the run's workers
@@ -41,8 +40,7 @@ END_TIMEOUT_S = 30                      # for the controller to end the run's wo
 @dataclass(frozen=True)
 class TrainRun:
     """The Ray Train run that made a report: its controller (an actor) and the name of its
-    reservation with the cluster's autoscaling coordinator. (Private Ray APIs, Ray 2.60: Train
-    reserves its workers' resources as train-<run id>.)"""
+    reservation with the cluster's autoscaling coordinator."""
     controller: ray.actor.ActorHandle
     reservation: str
 
@@ -50,13 +48,10 @@ class TrainRun:
         """Abort the run now, as Ctrl-C does (which ends the workers and removes their placement
         group), before the trial's actor ends and the controller with it, if it can. Its reservation
         is cancelled by the sweep's driver (CancelTrainReservations)."""
-        try:
-            ray.get(self.controller.abort.remote(), timeout=END_TIMEOUT_S)
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            pass                        # the controller exited (as abort does), or it is stuck
+        abort_train_run(self.controller, END_TIMEOUT_S)
 
 
-class ReportQueue(UserCallback):
+class ReportQueue(train_callback_base()):
     """A Ray Train callback (it runs in Train's controller): queues rank 0's metrics of every report,
     with the path of the checkpoint saved with it, and the run that made it. The queue is unbounded:
     Train never waits on Tune."""
@@ -67,7 +62,7 @@ class ReportQueue(UserCallback):
 
     def after_report(self, run_context: Any, metrics: List[Dict[str, Any]], checkpoint: Optional[Checkpoint]):
         if self.run is None:
-            self.run = TrainRun(ray.get_runtime_context().current_actor, f"train-{run_context.run_id}")
+            self.run = TrainRun(ray.get_runtime_context().current_actor, train_reservation(run_context))
         report = {**metrics[0], TRAIN_RESERVATION: self.run.reservation}
         if checkpoint is not None:
             report[CHECKPOINT_PATH] = checkpoint.path
@@ -94,10 +89,10 @@ class CancelTrainReservations(tune.Callback):
     def _cancel(trial: Any) -> None:
         reservation = (trial.last_result or {}).get(TRAIN_RESERVATION)
         if reservation:
-            get_or_create_autoscaling_coordinator().cancel_request.remote(reservation)
+            cancel_reservation(reservation)
 
 
-def report_to_tune(train_run: Callable[[UserCallback], Any], is_last: Callable[[dict], bool] = lambda report: False,
+def report_to_tune(train_run: Callable[[ReportQueue], Any], is_last: Callable[[dict], bool] = lambda report: False,
                    poll_s: float = 0.5) -> Any:
     """Inside a Tune trial: run `train_run(callback)` (a Ray Train fit given its callback) in a thread,
     tune.report each of its reports from this thread, and return its result or raise its error.
