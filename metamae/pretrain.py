@@ -14,13 +14,11 @@ from pathlib import Path
 from typing import Optional
 
 import hydra
-import ray
 import torch
 from omegaconf import DictConfig
 
 from metamae.config import CONFIG_DIR, ExperimentConfig, PretrainConfig, to_object
 from metamae.data import Dataset, load_dataset
-from metamae.distributed.trainer import connect_ray, fit
 from metamae.files import DiskFull
 from metamae.linear_eval import ProbeResult, linear_probe, raw_input_probe, split_names
 from metamae.loop import RESULTS, pretrain
@@ -54,8 +52,12 @@ def run(cfg: PretrainConfig) -> dict[str, dict]:
     out_dir = Path(cfg.out_dir)
     data, dataset = load_dataset(cfg.dataset, seed=cfg.train.seed)
     cfg = dataclasses.replace(cfg, dataset=dataset)
-    if cfg.execution.ray and not ray.is_initialized():
-        connect_ray()
+    if cfg.execution.ray:              # imported here: the plain loop (execution.ray=false) runs without Ray
+        import ray
+
+        from metamae.distributed.trainer import connect_ray, fit
+        if not ray.is_initialized():
+            connect_ray()
     methods = ["metamae", "mae"] if cfg.baselines else [cfg.objective.method]
     results = {}
     for method in methods:

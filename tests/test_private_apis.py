@@ -1,6 +1,7 @@
-"""Every private Ray and torch API in metamae/private_apis.py, exercised: after an upgrade, a failure here
-names the API that moved and the version it was written against. The Ray calls that need a cluster
-(the autoscaling coordinator's reservations) run on the session's local Ray."""
+"""Every private Ray and torch API in metamae/private_apis.py, exercised (or, where that takes a Ray Train
+run, checked for what the project calls on it): after an upgrade, a failure here names the API that
+moved and the version it was written against. The autoscaling coordinator's reservations run on the
+session's local Ray (the Ray tier); the rest needs no Ray."""
 import inspect
 import os
 
