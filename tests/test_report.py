@@ -150,7 +150,7 @@ def test_the_report_names_the_best_config_its_checkpoint_the_failures_and_the_pl
     assert "`objective.inner_lr=1`, `objective.mask_ratio=0.5`: FloatingPointError: total loss is NaN" in report
     assert report.count("| TERMINATED |") == 6 and report.count("| ERROR |") == 1
     plots = [line.split("](")[1].rstrip(")") for line in report.splitlines() if line.startswith("![")]
-    assert [Path(plot).stem for plot in plots] == ["digits_objective_vs_params", "digits_probe_curves",
+    assert [Path(plot).stem for plot in plots] == ["digits_validation_vs_params", "digits_probe_curves",
                                                    "digits_history", "digits_importances"]
     assert all((sweep / plot).stat().st_size > 10_000 for plot in plots)
     assert "- Health: 2 of 7 trials flagged: " in report and "support_rises" in report and "NaN loss" in report

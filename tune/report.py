@@ -334,7 +334,7 @@ def draw_baselines(axis, baselines: dict[str, Any], key: str) -> None:
             axis.axhline(baseline[key], color="grey", linestyle=style, label=f"{BASELINE_NAMES[name]}")
 
 
-def plot_objective_against_params(table: pd.DataFrame, keys: list[str], baselines: dict[str, Any],
+def plot_validation_against_params(table: pd.DataFrame, keys: list[str], baselines: dict[str, Any],
                                   path: Path) -> None:
     """Final validation score against each searched key, one panel per key, one point per finished
     trial; the baselines' validation scores as dashed lines."""
@@ -407,8 +407,8 @@ def plots_section(sweep_dir: Path, dataset: str, trials: list[TrialRecord], tabl
     completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     lines = []
     if table.loc[table["outcome"] != "baseline", "validation"].notna().any() and keys:
-        plot_objective_against_params(table, keys, baselines, plots / f"{dataset}_objective_vs_params.png")
-        lines += [f"![validation score against each hyperparameter](plots/{dataset}_objective_vs_params.png)", ""]
+        plot_validation_against_params(table, keys, baselines, plots / f"{dataset}_validation_vs_params.png")
+        lines += [f"![validation score against each hyperparameter](plots/{dataset}_validation_vs_params.png)", ""]
     if any(trial.reports for trial in trials):
         plot_probe_curves(trials, baselines, plots / f"{dataset}_probe_curves.png")
         lines += [f"![probe against step](plots/{dataset}_probe_curves.png)", ""]
