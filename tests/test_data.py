@@ -11,6 +11,7 @@ from metamae.data.converters import custom
 from metamae.data.digits import digits
 from metamae.data.synthetic import synthetic
 from metamae.modality import ImageSpec, TabularSpec, TimeSeriesSpec, spec_from_dict, spec_to_dict
+from metamae.model import ObjectiveConfig
 from tests.conftest import SPECS
 
 
@@ -103,3 +104,18 @@ def test_a_custom_dataset_names_its_runs_after_its_manifest(tmp_path):
     assert to_object(cfg).dataset.name == "my_data"
     with pytest.raises(InterpolationResolutionError, match=r"none holds no manifest\.json.*prepare custom .*--name"):
         missing.dataset.name
+
+
+def test_the_objective_starts_from_the_published_defaults_then_the_datasets_own_then_the_command_line():
+    """ObjectiveConfig holds the published script's defaults; PAMAP2's dataset file names its own
+    (configs/objective/pamap2.yaml: the published README's command); objective.KEY=VALUE wins over both."""
+    register()
+    with hydra.initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        digits_cfg = to_object(hydra.compose("pretrain", overrides=["dataset=digits"]))
+        pamap2 = hydra.compose("pretrain", overrides=["dataset=pamap2"])
+        overridden = hydra.compose("pretrain", overrides=["dataset=pamap2", "objective.mask_ratio=0.7"])
+    assert digits_cfg.objective == ObjectiveConfig()
+    objective = pamap2.objective
+    assert (objective.mask_ratio, objective.contrastive_weight, objective.inner_lr) == (0.85, 1.0, 0.5)
+    assert objective.temperature == ObjectiveConfig().temperature
+    assert (overridden.objective.mask_ratio, overridden.objective.contrastive_weight) == (0.7, 1.0)
