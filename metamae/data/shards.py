@@ -6,7 +6,7 @@ the converter's parameters, the input normalisation and the format version. One 
 `id`, the input (`x`; `x_image` and `x_text` for image+text) and the label `y`. A tensor is stored as
 one binary value per row holding its bytes in C order, and decoded with numpy.frombuffer: 3 × faster
 to read here than a fixed-size list or Arrow's tensor extension type (bench/encoding.py; numbers in
-the README).
+docs/measurements.md).
 
 Shards hold inputs as the converter wrote them. The manifest's `normalization`, when not null, is
 
