@@ -4,8 +4,9 @@ Written against Ray 2.60.0 and torch 2.13.0 (RAY_VERSION, TORCH_VERSION). An upg
 change any of them without notice: tests/test_private_apis.py exercises each one and, when one
 breaks, fails naming it and the version it was written against. Ray is imported inside the
 functions that use it, so that metamae's math and data code (which calls the torch ones) runs
-without Ray. (One test also reads Ray's GCS tables directly to explain a failure:
-tests/test_cluster.py's `_history`, a diagnostic.)
+without Ray; so are the functional collectives, which only a data-parallel run calls (their
+import would cost every other process 65 ms). (One test also reads Ray's GCS tables directly to
+explain a failure: tests/test_cluster.py's `_history`, a diagnostic.)
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as functional
 
 RAY_VERSION = "2.60.0"
 TORCH_VERSION = "2.13.0"
@@ -24,11 +24,13 @@ TRAIN_RESERVATION_PREFIX = "train-"    # Train reserves a run's workers as train
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """The sum over the default process group, differentiable (the backward of a sum is a sum)."""
+    import torch.distributed._functional_collectives as functional
     return functional.all_reduce(t, "sum", dist.group.WORLD)
 
 
 def all_gather_differentiable(t: torch.Tensor) -> torch.Tensor:
     """Every process's `t` stacked along dim 0; the gradient of each slice goes back to its process."""
+    import torch.distributed._functional_collectives as functional
     return functional.all_gather_single_autograd(t, 0, dist.group.WORLD)
 
 
