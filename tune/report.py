@@ -49,7 +49,7 @@ from metamae.linear_eval import PREDICTIONS, Predictions, paired_bootstrap  # no
 MIN_TRIALS_FOR_IMPORTANCES = 5   # completed trials below which fANOVA importances are noise
 MIN_TRIALS_FOR_RANKING = 3       # finished trials below which a rank correlation says nothing
 NEAR_BOUND = 0.05                # a best value this close to a bound (of its range, on its own scale) is flagged
-# From a trial's last report, in this order: its CSV column and the report key it comes from.
+# The CSV's columns taken from a trial's last report, in this order, each named as the report's key.
 LAST_REPORT_COLUMNS = ("validation", "test", "probe", "step", "time_total_s")
 OUTCOMES = ["finished", "stopped early", "failed", "pending or running"]
 BASELINE_NAMES = {"random_init": "random-init encoder", "raw_input": "raw-input probe"}
@@ -335,7 +335,7 @@ def draw_baselines(axis, baselines: dict[str, Any], key: str) -> None:
 
 
 def plot_validation_against_params(table: pd.DataFrame, keys: list[str], baselines: dict[str, Any],
-                                  path: Path) -> None:
+                                   path: Path) -> None:
     """Final validation score against each searched key, one panel per key, one point per finished
     trial; the baselines' validation scores as dashed lines."""
     finished = table[table["outcome"] != "baseline"].dropna(subset=["validation"])
