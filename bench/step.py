@@ -64,7 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from metamae.config import TrainConfig  # noqa: E402
 from metamae.modality import ImageSpec, TimeSeriesSpec  # noqa: E402
 from metamae.model import MetaMAE, ModelConfig, ObjectiveConfig  # noqa: E402
-from metamae.process import keep_freed_memory, start_training  # noqa: E402
+from metamae.process import start_training  # noqa: E402
 from metamae.train import compile_loss, make_optimizer  # noqa: E402
 
 THREADS, WARMUP, MATMUL_N, CONTENDED, PROFILED_STEPS = 2, 3, 2048, 0.05, 3
@@ -270,8 +270,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    start_training(TrainConfig(threads=THREADS, compile=args.compile))   # as the training loop's process does
-    keeps_freed_memory = keep_freed_memory()
+    keeps_freed_memory = start_training(TrainConfig(threads=THREADS, compile=args.compile))   # as a training process
     if args.config:
         print(json.dumps(measure_config(*args.config.split(":"), args.batch, args.steps, args.compile)))
         return

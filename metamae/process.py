@@ -35,15 +35,15 @@ def start_command() -> None:
         os.environ.setdefault(name, value)
 
 
-def start_training(train: TrainConfig) -> None:
+def start_training(train: TrainConfig) -> bool:
     """torch's intra-op threads (train.threads), glibc's allocator keeping freed memory, and, for
     train.compile, inductor drawing dropout from eager mode's random stream (fallback_random), so that a
-    compiled run draws what an eager one does."""
+    compiled run draws what an eager one does. Returns whether the allocator keeps freed memory."""
     if train.threads:
         torch.set_num_threads(train.threads)
-    keep_freed_memory()
     if train.compile:
         compiled_code_draws_eager_random()
+    return keep_freed_memory()
 
 
 def keep_freed_memory() -> bool:
