@@ -42,6 +42,14 @@ def sweep_command(sweep_dir: Path, *overrides: str) -> list[str]:
             *QUICK, *overrides]
 
 
+def compose_sweep(overrides: list[str]):
+    """configs/sweep.yaml with `overrides`, as `python tune/sweep.py` composes it."""
+    start_command()
+    sweep.register_sweep()
+    with hydra.initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        return hydra.compose("sweep", overrides=overrides)
+
+
 def study_trials(sweep_dir: Path) -> list[optuna.trial.FrozenTrial]:
     if not (sweep_dir / "optuna.db").is_file():
         return []
@@ -236,14 +244,6 @@ def test_a_trial_on_a_custom_dataset_carries_the_manifests_name_input_classes_an
     assert job.dataset.name == base["dataset"]["name"] == "mine"           # sweeps/.../mine, the manifest's name
     assert spec_from_dict(base["dataset"]["input"]) == data.spec
     assert (base["dataset"]["num_classes"], base["dataset"]["metric"]) == (3, "weighted_f1")
-
-
-def compose_sweep(overrides: list[str]):
-    """configs/sweep.yaml with `overrides`, as `python tune/sweep.py` composes it."""
-    start_command()
-    sweep.register_sweep()
-    with hydra.initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        return hydra.compose("sweep", overrides=overrides)
 
 
 def test_a_resumed_sweep_refuses_settings_its_trials_did_not_start_with(tmp_path):
